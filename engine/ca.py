@@ -1,0 +1,212 @@
+"""The certification authority: its hierarchy, its issuance policy, and issuance itself.
+
+A CA hierarchy (root, optional intermediates, issuing CA) is built once, off the clock, with
+cryptography's builders; end-entity issuance then runs from a `CertificateTemplate` with one raw
+signature per certificate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509.oid import NameOID
+
+from engine.approval import AdministratorPool
+from engine.certificate import CertificateTemplate
+from engine.errors import SanNotAllowedError, SubjectMismatchError, UnsupportedKeyError
+from engine.identity import User, decode_alternative_names, describe_name
+from engine.keys import KeyFamily, KeySpec, PrivateKey, Signer, family_of, hash_algorithm
+from engine.request import SAN_OID, ParsedRequest, verify_request
+from engine.stores import Directory
+
+
+@dataclass(frozen=True, slots=True)
+class IssuancePolicy:
+    """What a CA profile allows: key types (RSA >= 2048 always), and which SANs a user may get."""
+
+    allowed_keys: frozenset[str]
+    allow_email: bool = True
+    allow_upn: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CAChain:
+    """A CA hierarchy: certificates root first, issuing CA last, and the issuing CA's key."""
+
+    certificates: tuple[x509.Certificate, ...]
+    issuing_key: PrivateKey = field(repr=False)
+
+    @property
+    def issuing(self) -> x509.Certificate:
+        return self.certificates[-1]
+
+    @property
+    def root(self) -> x509.Certificate:
+        return self.certificates[0]
+
+    def pkcs7(self) -> bytes:
+        """The chain as a PKCS #7 certs-only bundle, DER (RFC 2315; what step 8 sends)."""
+        return pkcs7.serialize_certificates(list(self.certificates), serialization.Encoding.DER)
+
+
+def build_hierarchy(
+    profile_id: str, keys: Sequence[PrivateKey], hash_name: str | None, now: datetime
+) -> CAChain:
+    """Build root, intermediates and issuing CA from `keys` (root first; at least two keys)."""
+    if len(keys) < 2:
+        raise ValueError("a CA hierarchy needs a root key and an issuing key")
+    certificates: list[x509.Certificate] = []
+    for depth, key in enumerate(keys):
+        role = "Root" if depth == 0 else ("Issuing" if depth == len(keys) - 1 else "Intermediate")
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "enrollbench"),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"{profile_id} {role} CA {depth}"),
+            ]
+        )
+        parent_key = keys[depth - 1] if depth else key
+        issuer = certificates[-1].subject if certificates else name
+        path_length = max(len(keys) - 2 - depth, 0)
+        certificates.append(
+            _sign_ca_certificate(name, issuer, key, parent_key, path_length, hash_name, now)
+        )
+    return CAChain(tuple(certificates), keys[-1])
+
+
+def _sign_ca_certificate(
+    name: x509.Name,
+    issuer: x509.Name,
+    key: PrivateKey,
+    parent_key: PrivateKey,
+    path_length: int,
+    hash_name: str | None,
+    now: datetime,
+) -> x509.Certificate:
+    """One CA certificate (RFC 5280 4.2.1.9 basic constraints, 4.2.1.3 keyCertSign)."""
+    public = key.public_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(parent_key.public_key()),
+            critical=False,
+        )
+    )
+    digest = hash_algorithm(hash_name) if family_of(parent_key) is not KeyFamily.ED25519 else None
+    return builder.sign(parent_key, digest)
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """A certificate the CA issued and published: what step 11's notification carries."""
+
+    serial: int
+    dn: str
+    certificate: bytes
+
+
+class CertificationAuthority:
+    """One CA profile's issuing CA: checks requests, waits for approval if asked, issues."""
+
+    def __init__(
+        self,
+        profile_id: str,
+        chain: CAChain,
+        hash_name: str | None,
+        device_family: KeyFamily,
+        policy: IssuancePolicy,
+        validity_seconds: int,
+        directory: Directory,
+        wall_clock: Callable[[], float],
+        approvals: AdministratorPool | None = None,
+    ) -> None:
+        self.profile_id = profile_id
+        self.directory = directory
+        self.chain = chain
+        self.chain_der = chain.pkcs7()
+        self.policy = policy
+        self.approvals = approvals
+        self._wall_clock = wall_clock
+        self._template = CertificateTemplate(
+            chain.issuing, Signer(chain.issuing_key, hash_name), device_family, validity_seconds
+        )
+        self._serials: set[int] = set()
+        self.issued = 0
+
+    async def process(
+        self, device_id: str, request: ParsedRequest, user: User, notify: Callable[[str], None]
+    ) -> Issued:
+        """Step 11: check, wait for an administrator if the profile says so, issue, publish."""
+        self.check(request, user)
+        if self.approvals is not None:
+            notify("pending-approval")
+            await self.approvals.review(device_id)
+        issued = self.issue(request, user)
+        await self.directory.publish(issued.dn, issued.serial, issued.certificate)
+        notify("issued")
+        return issued
+
+    async def fetch_chain(self) -> bytes:
+        """The chain as the connection service fetches it on a cache miss."""
+        return self.chain_der
+
+    def check(self, request: ParsedRequest, user: User) -> KeySpec:
+        """Proof of possession, then policy: key type, subject, alternative names."""
+        _, spec = verify_request(request)
+        if spec.name not in self.policy.allowed_keys:
+            raise UnsupportedKeyError(
+                f"key type {spec.name} is not allowed by CA profile {self.profile_id!r}"
+            )
+        if request.subject != user.dn.der:
+            raise SubjectMismatchError(user.dn.text, describe_name(request.subject))
+        self._check_alternative_names(request, user)
+        return spec
+
+    def _check_alternative_names(self, request: ParsedRequest, user: User) -> None:
+        """Every requested SAN must be the user's own e-mail or UPN, and of an allowed kind."""
+        entry = request.extensions.get(SAN_OID)
+        if entry is None:
+            return
+        names = decode_alternative_names(entry[1])
+        if names.other_kinds:
+            raise SanNotAllowedError(f"SAN kinds not allowed: {sorted(set(names.other_kinds))}")
+        if any(email != user.email for email in names.emails) or (
+            names.emails and not self.policy.allow_email
+        ):
+            raise SanNotAllowedError(f"e-mail SAN not allowed for {user.user_id!r}")
+        if any(upn != user.upn for upn in names.upns) or (names.upns and not self.policy.allow_upn):
+            raise SanNotAllowedError(f"UPN SAN not allowed for {user.user_id!r}")
+
+    def issue(self, request: ParsedRequest, user: User) -> Issued:
+        """Issue a certificate with a fresh, unique, positive 128-bit serial (RFC 5280 4.1.2.2)."""
+        serial = int.from_bytes(os.urandom(16), "big")
+        while serial == 0 or serial in self._serials:
+            serial = int.from_bytes(os.urandom(16), "big")
+        self._serials.add(serial)
+        san = request.extensions.get(SAN_OID)
+        certificate = self._template.issue(
+            serial,
+            int(self._wall_clock()),
+            request.subject,
+            request.spki,
+            None if san is None else san[1],
+        )
+        self.issued += 1
+        return Issued(serial, user.dn.text, certificate)

@@ -1,0 +1,129 @@
+"""End-entity certificates from a pre-encoded TBSCertificate template (RFC 5280 4.1).
+
+Everything one issuing CA fixes (version, signature algorithm, issuer, basic constraints, key
+usage, extended key usage, authority key identifier) is encoded once; issuance splices serial,
+validity, subject, SubjectPublicKeyInfo, subject key identifier and alternative names, then signs
+once with the CA key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from cryptography import x509
+
+from engine import _der
+from engine.errors import MalformedDerError
+from engine.keys import KeyFamily, Signer
+from engine.request import device_key_usage
+
+_VERSION_3 = _der.encode_tlv(0xA0, _der.encode_integer(2))  # [0] EXPLICIT Version v3(2)
+_TRUE = _der.encode_tlv(_der.BOOLEAN, b"\xff")
+_UTC_TIME_LIMIT = 2_524_608_000  # 2050-01-01: RFC 5280 4.1.2.5 switches to GeneralizedTime
+_CLIENT_AUTH = "1.3.6.1.5.5.7.3.2"
+
+
+def encode_extension(oid: str, value: bytes, *, critical: bool) -> bytes:
+    """Encode Extension ::= SEQUENCE { extnID, critical DEFAULT FALSE, extnValue } (RFC 5280 4.1)."""
+    flag = _TRUE if critical else b""  # DER omits a DEFAULT value (X.690 11.5)
+    return _der.encode_tlv(
+        _der.SEQUENCE, _der.encode_oid(oid) + flag + _der.encode_tlv(_der.OCTET_STRING, value)
+    )
+
+
+def encode_time(epoch: int) -> bytes:
+    """Encode a validity time: UTCTime through 2049, GeneralizedTime after (RFC 5280 4.1.2.5)."""
+    moment = datetime.fromtimestamp(epoch, UTC)
+    if epoch < _UTC_TIME_LIMIT:
+        return _der.encode_tlv(_der.UTC_TIME, moment.strftime("%y%m%d%H%M%SZ").encode())
+    return _der.encode_tlv(_der.GENERALIZED_TIME, moment.strftime("%Y%m%d%H%M%SZ").encode())
+
+
+def key_identifier(spki: bytes) -> bytes:
+    """SHA-1 of the subjectPublicKey BIT STRING value (RFC 5280 4.2.1.2, method 1)."""
+    start, end = _der.read_whole(spki, _der.SEQUENCE)
+    _, alg_end = _der.expect(spki, start, _der.SEQUENCE, end)
+    bits_start, bits_end = _der.expect(spki, alg_end, _der.BIT_STRING, end)
+    return hashlib.sha1(spki[bits_start + 1 : bits_end], usedforsecurity=False).digest()
+
+
+class CertificateTemplate:
+    """The fixed parts of one issuing CA's end-entity TBSCertificate, encoded once."""
+
+    __slots__ = ("_head", "_issuer", "_signer", "_tail_extensions", "_validity", "_validity_cache")
+
+    def __init__(
+        self,
+        issuer: x509.Certificate,
+        signer: Signer,
+        device_family: KeyFamily,
+        validity_seconds: int,
+    ) -> None:
+        self._signer = signer
+        self._issuer = issuer.subject.public_bytes()  # the issuer's subject bytes, verbatim
+        self._validity = validity_seconds
+        self._validity_cache: tuple[int, bytes] = (-1, b"")
+        issuer_ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier(issuer_ski.digest, None, None).public_bytes()
+        self._head = (
+            encode_extension("2.5.29.19", _der.encode_tlv(_der.SEQUENCE, b""), critical=True)
+            + encode_extension(
+                "2.5.29.15", device_key_usage(device_family).public_bytes(), critical=True
+            )
+            + encode_extension(
+                "2.5.29.37",
+                _der.encode_tlv(_der.SEQUENCE, _der.encode_oid(_CLIENT_AUTH)),
+                critical=False,
+            )
+        )
+        self._tail_extensions = encode_extension("2.5.29.35", aki, critical=False)
+
+    def issue(
+        self, serial: int, now: int, subject: bytes, spki: bytes, san_value: bytes | None
+    ) -> bytes:
+        """Return a signed certificate in DER for one device."""
+        extensions = (
+            self._head
+            + encode_extension("2.5.29.14", _der.encode_tlv(_der.OCTET_STRING, key_identifier(spki)), critical=False)
+            + self._tail_extensions
+        )
+        if san_value is not None:
+            extensions += encode_extension("2.5.29.17", san_value, critical=False)
+        tbs = _der.encode_tlv(
+            _der.SEQUENCE,
+            _VERSION_3
+            + _der.encode_integer(serial)
+            + self._signer.algorithm.identifier
+            + self._issuer
+            + self._validity_for(now)
+            + subject
+            + spki
+            + _der.encode_tlv(0xA3, _der.encode_tlv(_der.SEQUENCE, extensions)),
+        )
+        signature = _der.encode_tlv(_der.BIT_STRING, b"\x00" + self._signer.sign(tbs))
+        return _der.encode_tlv(_der.SEQUENCE, tbs + self._signer.algorithm.identifier + signature)
+
+    def _validity_for(self, now: int) -> bytes:
+        """Validity ::= SEQUENCE { notBefore, notAfter }, re-encoded once per second."""
+        cached_at, encoded = self._validity_cache
+        if cached_at != now:
+            encoded = _der.encode_tlv(
+                _der.SEQUENCE, encode_time(now) + encode_time(now + self._validity)
+            )
+            self._validity_cache = (now, encoded)
+        return encoded
+
+
+def certificate_spki(certificate: bytes) -> bytes:
+    """Slice the SubjectPublicKeyInfo out of a DER certificate without a full parse."""
+    start, end = _der.read_whole(certificate, _der.SEQUENCE)
+    tbs_start, tbs_end = _der.expect(certificate, start, _der.SEQUENCE, end)
+    fields = _der.split_children(certificate, tbs_start, tbs_end)
+    # tbsCertificate: [0] version, serial, signature, issuer, validity, subject, spki, ...
+    index = 6 if fields and fields[0][0] == 0xA0 else 5
+    if len(fields) <= index or fields[index][0] != _der.SEQUENCE:
+        raise MalformedDerError("certificate has no subjectPublicKeyInfo", tbs_start)
+    _, offset, _, stop = fields[index]
+    return certificate[offset:stop]

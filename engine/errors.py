@@ -1,0 +1,144 @@
+"""The engine's exceptions: one root, two branches that decide how an enrollment ends.
+
+`RejectedError`: a policy said no; the enrollment ends *rejected* with the error's `reason`.
+`FailedError`: something went wrong; the enrollment ends *failed* with the error's type name.
+Subclasses carry the data a caller needs (`device_id`, `offset`, ...).
+"""
+
+from __future__ import annotations
+
+
+class EnrollmentError(Exception):
+    """Root of every error the engine raises on purpose."""
+
+    reason = "error"
+
+
+class RejectedError(EnrollmentError):
+    """A policy refused the enrollment."""
+
+    reason = "rejected"
+
+
+class FailedError(EnrollmentError):
+    """The enrollment could not complete."""
+
+    reason = "failed"
+
+
+class MalformedDerError(FailedError):
+    """Bytes that should be DER are truncated, garbage or not the expected structure."""
+
+    reason = "malformed-der"
+
+    def __init__(self, message: str, offset: int = 0) -> None:
+        super().__init__(f"{message} (at byte {offset})")
+        self.offset = offset
+
+
+class AuthenticationError(RejectedError):
+    """The login does not match the user's stored verifier, or the user is unknown."""
+
+    reason = "wrong-credentials"
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"authentication failed for user {user_id!r}")
+        self.user_id = user_id
+
+
+class UnknownUserError(RejectedError):
+    """The messaging directory has no entry for the user."""
+
+    reason = "unknown-user"
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"no directory entry for user {user_id!r}")
+        self.user_id = user_id
+
+
+class UnknownProfileError(RejectedError):
+    """The request names a CA profile ID that no CA serves."""
+
+    reason = "unknown-ca-profile"
+
+    def __init__(self, profile_id: str) -> None:
+        super().__init__(f"unknown CA profile ID {profile_id!r}")
+        self.profile_id = profile_id
+
+
+class UnsupportedKeyError(RejectedError):
+    """The key type, curve or signature algorithm is not one this CA accepts."""
+
+    reason = "unsupported-key"
+
+
+class WeakKeyError(RejectedError):
+    """An RSA key below the profile's minimum size (never below 2048 bits)."""
+
+    reason = "weak-key"
+
+    def __init__(self, bits: int, minimum: int) -> None:
+        super().__init__(f"RSA key of {bits} bits is below the minimum of {minimum}")
+        self.bits = bits
+        self.minimum = minimum
+
+
+class SignatureInvalidError(RejectedError):
+    """The request's signature does not verify with its own public key (no proof of possession)."""
+
+    reason = "bad-signature"
+
+
+class SubjectMismatchError(RejectedError):
+    """The request's subject is not the DN the enterprise server looked up."""
+
+    reason = "subject-mismatch"
+
+    def __init__(self, expected: str, found: str) -> None:
+        super().__init__(f"subject {found!r} is not the looked-up DN {expected!r}")
+        self.expected = expected
+        self.found = found
+
+
+class SanNotAllowedError(RejectedError):
+    """The request asks for a subject alternative name the user may not have."""
+
+    reason = "san-not-allowed"
+
+
+class ApprovalDeniedError(RejectedError):
+    """A CA administrator rejected the request."""
+
+    reason = "administrator-rejected"
+
+    def __init__(self, device_id: str, administrator: int) -> None:
+        super().__init__(f"administrator {administrator} rejected the request of {device_id!r}")
+        self.device_id = device_id
+        self.administrator = administrator
+
+
+class KeyMismatchError(RejectedError):
+    """The certificate's public key is not the one stored for the device (RFC 5280 4.1.2.7)."""
+
+    reason = "key-mismatch"
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"certificate public key does not match the key stored for {device_id!r}")
+        self.device_id = device_id
+
+
+class CertificateNotFoundError(FailedError):
+    """The directory has no certificate where the CA said it published one."""
+
+    reason = "certificate-not-found"
+
+    def __init__(self, dn: str, serial: int) -> None:
+        super().__init__(f"no certificate with serial {serial:x} published for {dn!r}")
+        self.dn = dn
+        self.serial = serial
+
+
+class ChainFetchError(FailedError):
+    """The CA chain could not be fetched for a profile."""
+
+    reason = "chain-fetch-failed"

@@ -1,0 +1,213 @@
+"""PKCS #10 certification requests (RFC 2986): a fast template path, a builder path, a parser.
+
+The template path pre-encodes everything a profile fixes (version, the extension request's key
+usage) and splices in the per-device subject, SubjectPublicKeyInfo and alternative names, then
+signs once. The builder path uses cryptography's `CertificateSigningRequestBuilder`; both produce
+the same fields and both pass `openssl req -verify` (tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from engine import _der
+from engine.errors import MalformedDerError
+from engine.identity import DistinguishedName, encode_alternative_names
+from engine.keys import (
+    KeyFamily,
+    KeySpec,
+    PublicKey,
+    Signer,
+    SignatureAlgorithm,
+    algorithm_from_identifier,
+    hash_algorithm,
+    load_public_key,
+    verify_signature,
+)
+
+EXTENSION_REQUEST_OID = "1.2.840.113549.1.9.14"  # PKCS #9 extensionRequest (RFC 2985 5.4.2)
+SAN_OID = "2.5.29.17"
+KEY_USAGE_OID = "2.5.29.15"
+_SAN_OID_DER = _der.encode_oid(SAN_OID)
+_KEY_USAGE_OID_DER = _der.encode_oid(KEY_USAGE_OID)
+_EXTENSION_REQUEST_DER = _der.encode_oid(EXTENSION_REQUEST_OID)
+_VERSION_1 = _der.encode_integer(0)  # RFC 2986 4.1: version v1(0)
+_TRUE = _der.encode_tlv(_der.BOOLEAN, b"\xff")
+
+
+def device_key_usage(family: KeyFamily) -> x509.KeyUsage:
+    """Key usage a device key asks for: signing always, key encipherment for RSA."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=family is KeyFamily.RSA,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContent:
+    """What a device puts in its request: subject, key and alternative names."""
+
+    subject: DistinguishedName
+    email: str
+    upn: str
+
+
+class RequestTemplate:
+    """Pre-encoded PKCS #10 parts for one profile; `build` splices and signs once."""
+
+    __slots__ = ("_key_usage_extension",)
+
+    def __init__(self, family: KeyFamily) -> None:
+        ku_value = device_key_usage(family).public_bytes()
+        # Extension ::= SEQUENCE { extnID, critical BOOLEAN, extnValue OCTET STRING } (RFC 5280 4.1)
+        self._key_usage_extension = _der.encode_tlv(
+            _der.SEQUENCE,
+            _KEY_USAGE_OID_DER + _TRUE + _der.encode_tlv(_der.OCTET_STRING, ku_value),
+        )
+
+    def build(self, signer: Signer, content: RequestContent) -> bytes:
+        """Return a signed CertificationRequest in DER."""
+        san_value = encode_alternative_names(content.email, content.upn)
+        san = _der.encode_tlv(
+            _der.SEQUENCE, _SAN_OID_DER + _der.encode_tlv(_der.OCTET_STRING, san_value)
+        )
+        extensions = _der.encode_tlv(_der.SEQUENCE, san + self._key_usage_extension)
+        attribute = _der.encode_tlv(
+            _der.SEQUENCE, _EXTENSION_REQUEST_DER + _der.encode_tlv(_der.SET, extensions)
+        )
+        info = _der.encode_tlv(
+            _der.SEQUENCE,
+            _VERSION_1
+            + content.subject.der
+            + signer.spki
+            + _der.encode_tlv(0xA0, attribute),  # attributes [0] IMPLICIT SET OF Attribute
+        )
+        return sign_request_info(signer, info)
+
+
+def sign_request_info(signer: Signer, info: bytes) -> bytes:
+    """Wrap a CertificationRequestInfo with its algorithm and signature (RFC 2986 4.2)."""
+    signature = _der.encode_tlv(_der.BIT_STRING, b"\x00" + signer.sign(info))
+    return _der.encode_tlv(_der.SEQUENCE, info + signer.algorithm.identifier + signature)
+
+
+def build_request_with_builder(signer: Signer, content: RequestContent) -> bytes:
+    """The reference path: the same request through cryptography's builder."""
+    names = x509.SubjectAlternativeName(
+        [
+            x509.RFC822Name(content.email),
+            x509.OtherName(
+                x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3"),
+                _der.encode_tlv(_der.UTF8_STRING, content.upn.encode()),
+            ),
+        ]
+    )
+    builder = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name.from_rfc4514_string(content.subject.text))
+        .add_extension(names, critical=False)
+        .add_extension(device_key_usage(signer.algorithm.family), critical=True)
+    )
+    hash_name = signer.algorithm.hash_name
+    request = builder.sign(signer.key, None if hash_name is None else hash_algorithm(hash_name))
+    return request.public_bytes(serialization.Encoding.DER)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """The parts of a request the CA and the enterprise server act on, as raw DER slices."""
+
+    info: bytes
+    subject: bytes
+    spki: bytes
+    algorithm: SignatureAlgorithm
+    signature: bytes
+    extensions: dict[str, tuple[bool, bytes]]
+
+
+def parse_request(der: bytes) -> ParsedRequest:
+    """Split a DER CertificationRequest into its parts; raise `MalformedDerError` on bad bytes."""
+    if not isinstance(der, bytes):
+        raise MalformedDerError("request is not bytes")
+    start, end = _der.read_whole(der, _der.SEQUENCE)
+    info_start, info_end = _der.expect(der, start, _der.SEQUENCE, end)
+    alg_start, alg_end = _der.expect(der, info_end, _der.SEQUENCE, end)
+    sig_start, sig_end = _der.expect(der, alg_end, _der.BIT_STRING, end)
+    if sig_end != end:
+        raise MalformedDerError("trailing bytes in CertificationRequest", sig_end)
+    if sig_end == sig_start or der[sig_start] != 0:
+        raise MalformedDerError("signature BIT STRING has unused bits", sig_start)
+    algorithm = algorithm_from_identifier(der[info_end:alg_end])
+    info = der[start:info_end]
+    subject, spki, extensions = _parse_info(info)
+    return ParsedRequest(info, subject, spki, algorithm, der[sig_start + 1 : sig_end], extensions)
+
+
+def _parse_info(info: bytes) -> tuple[bytes, bytes, dict[str, tuple[bool, bytes]]]:
+    """Read version, subject, SPKI and the extension request from a CertificationRequestInfo."""
+    start, end = _der.read_whole(info, _der.SEQUENCE)
+    ver_start, ver_end = _der.expect(info, start, _der.INTEGER, end)
+    if info[ver_start:ver_end] != b"\x00":
+        raise MalformedDerError("request version is not v1(0)", start)
+    _, subject_end = _der.expect(info, ver_end, _der.SEQUENCE, end)
+    _, spki_end = _der.expect(info, subject_end, _der.SEQUENCE, end)
+    attrs_start, attrs_end = _der.expect(info, spki_end, 0xA0, end)
+    if attrs_end != end:
+        raise MalformedDerError("trailing bytes in CertificationRequestInfo", attrs_end)
+    extensions = _parse_attributes(info, attrs_start, attrs_end)
+    return info[ver_end:subject_end], info[subject_end:spki_end], extensions
+
+
+def _parse_attributes(data: bytes, start: int, end: int) -> dict[str, tuple[bool, bytes]]:
+    """Collect the extensions of any extensionRequest attribute (RFC 2985 5.4.2)."""
+    extensions: dict[str, tuple[bool, bytes]] = {}
+    for tag, offset, content, stop in _der.split_children(data, start, end):
+        if tag != _der.SEQUENCE:
+            raise MalformedDerError("attribute is not a SEQUENCE", offset)
+        _, oid_end = _der.expect(data, content, _der.OID, stop)
+        if data[content:oid_end] != _EXTENSION_REQUEST_DER:
+            continue
+        set_start, set_end = _der.expect(data, oid_end, _der.SET, stop)
+        for _, ext_offset, ext_content, ext_stop in _der.split_children(data, set_start, set_end):
+            _der.expect(data, ext_offset, _der.SEQUENCE, set_end)
+            _parse_extensions(data, ext_content, ext_stop, extensions)
+    return extensions
+
+
+def _parse_extensions(
+    data: bytes, start: int, end: int, into: dict[str, tuple[bool, bytes]]
+) -> None:
+    """Read Extension SEQUENCEs (RFC 5280 4.1) into `into`, refusing duplicates."""
+    for tag, offset, content, stop in _der.split_children(data, start, end):
+        if tag != _der.SEQUENCE:
+            raise MalformedDerError("extension is not a SEQUENCE", offset)
+        oid_start, oid_end = _der.expect(data, content, _der.OID, stop)
+        critical = False
+        cursor = oid_end
+        if cursor < stop and data[cursor] == _der.BOOLEAN:
+            bool_start, cursor = _der.expect(data, cursor, _der.BOOLEAN, stop)
+            critical = data[bool_start:cursor] == b"\xff"
+        value_start, value_end = _der.expect(data, cursor, _der.OCTET_STRING, stop)
+        if value_end != stop:
+            raise MalformedDerError("trailing bytes in extension", value_end)
+        oid = _der.decode_oid(data[oid_start:oid_end])
+        if oid in into:
+            raise MalformedDerError(f"extension {oid} appears twice", offset)
+        into[oid] = (critical, data[value_start:value_end])
+
+
+def verify_request(request: ParsedRequest) -> tuple[PublicKey, KeySpec]:
+    """Check proof of possession: the request's signature verifies with its own key."""
+    key, spec = load_public_key(request.spki)
+    verify_signature(key, request.algorithm, request.signature, request.info)
+    return key, spec

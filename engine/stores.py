@@ -1,0 +1,204 @@
+"""Storage behind small interfaces, with SQLite as the embedded default.
+
+Each actor's storage is a Protocol: the messaging directory (DNs), the directory (user entries and
+published certificates, as LDAP holds them), the configuration database (device public keys), and
+the device's persistent store and key store. A real server (OpenLDAP, PostgreSQL) implements the
+same Protocol and plugs in without touching the flow.
+
+One `Database` (one SQLite connection) serves one engine replica: in memory by default, or a file
+in WAL mode. Writes are committed in batches; reads on the same connection see them at once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from engine.auth import Verifier
+from engine.errors import AuthenticationError, CertificateNotFoundError, UnknownUserError
+from engine.identity import DistinguishedName, User
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    user_id TEXT PRIMARY KEY, dn TEXT NOT NULL, dn_der BLOB NOT NULL,
+    email TEXT NOT NULL, upn TEXT NOT NULL,
+    salt BLOB NOT NULL, verifier BLOB NOT NULL, iterations INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS published (
+    dn TEXT NOT NULL, serial BLOB NOT NULL, certificate BLOB NOT NULL, PRIMARY KEY (dn, serial));
+CREATE TABLE IF NOT EXISTS device_keys (device_id TEXT PRIMARY KEY, spki BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS persistent_store (
+    device_id TEXT PRIMARY KEY, protected_key BLOB NOT NULL, dn TEXT NOT NULL,
+    profile_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS key_store (
+    device_id TEXT PRIMARY KEY, certificate BLOB NOT NULL, protected_key BLOB NOT NULL,
+    chain BLOB NOT NULL);
+"""
+
+_COMMIT_EVERY = 512
+
+
+class Database:
+    """One SQLite connection with batched commits."""
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self._connection = sqlite3.connect(str(path), isolation_level="DEFERRED")
+        if str(path) != ":memory:":
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=NORMAL")
+        self._connection.executescript(_SCHEMA)
+        self._uncommitted = 0
+
+    def write(self, sql: str, params: tuple[Any, ...]) -> None:
+        """Execute one write; commit every few hundred."""
+        self._connection.execute(sql, params)
+        self._uncommitted += 1
+        if self._uncommitted >= _COMMIT_EVERY:
+            self.commit()
+
+    def read_one(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """Execute a query and return its first row."""
+        row: tuple[Any, ...] | None = self._connection.execute(sql, params).fetchone()
+        return row
+
+    def commit(self) -> None:
+        self._connection.commit()
+        self._uncommitted = 0
+
+    def close(self) -> None:
+        self.commit()
+        self._connection.close()
+
+
+class MessagingDirectory(Protocol):
+    """Source of each user's distinguished name (steps 3-4)."""
+
+    async def lookup_user(self, user_id: str) -> User: ...
+
+
+class Directory(Protocol):
+    """LDAP: user entries with their bind verifiers, and published certificates (steps 2, 11, 12)."""
+
+    async def verifier(self, user_id: str) -> Verifier: ...
+
+    async def publish(self, dn: str, serial: int, certificate: bytes) -> None: ...
+
+    async def retrieve(self, dn: str, serial: int) -> bytes: ...
+
+
+class ConfigurationDatabase(Protocol):
+    """The enterprise server's store of device public keys (steps 7 and 13)."""
+
+    async def store_key(self, device_id: str, spki: bytes) -> None: ...
+
+    async def stored_key(self, device_id: str) -> bytes | None: ...
+
+
+class PersistentStore(Protocol):
+    """The device's flash store: protected key pair, DN and CA profile ID (step 5)."""
+
+    async def save(self, device_id: str, protected_key: bytes, dn: str, profile_id: str) -> None: ...
+
+
+class KeyStore(Protocol):
+    """The device's key store: certificate, private key and chain (step 14)."""
+
+    async def install(
+        self, device_id: str, certificate: bytes, protected_key: bytes, chain: bytes
+    ) -> None: ...
+
+
+class SqliteUsers:
+    """Messaging directory and directory user entries in SQLite."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def seed(self, users: Iterable[tuple[User, Verifier]]) -> None:
+        """Load users and their verifiers (off the clock)."""
+        for user, verifier in users:
+            self._db.write(
+                "INSERT OR REPLACE INTO users VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    user.user_id,
+                    user.dn.text,
+                    user.dn.der,
+                    user.email,
+                    user.upn,
+                    verifier.salt,
+                    verifier.digest,
+                    verifier.iterations,
+                ),
+            )
+        self._db.commit()
+
+    async def lookup_user(self, user_id: str) -> User:
+        row = self._db.read_one(
+            "SELECT dn, dn_der, email, upn FROM users WHERE user_id = ?", (user_id,)
+        )
+        if row is None:
+            raise UnknownUserError(user_id)
+        return User(user_id, DistinguishedName(row[0], row[1]), row[2], row[3])
+
+    async def verifier(self, user_id: str) -> Verifier:
+        row = self._db.read_one(
+            "SELECT salt, verifier, iterations FROM users WHERE user_id = ?", (user_id,)
+        )
+        if row is None:
+            raise AuthenticationError(user_id)  # an unknown user fails the bind like a bad password
+        return Verifier(row[0], row[1], row[2])
+
+
+class SqliteDirectory(SqliteUsers):
+    """The directory: user entries plus published certificates."""
+
+    async def publish(self, dn: str, serial: int, certificate: bytes) -> None:
+        self._db.write(
+            "INSERT INTO published VALUES (?, ?, ?)", (dn, serial.to_bytes(16, "big"), certificate)
+        )
+
+    async def retrieve(self, dn: str, serial: int) -> bytes:
+        row = self._db.read_one(
+            "SELECT certificate FROM published WHERE dn = ? AND serial = ?",
+            (dn, serial.to_bytes(16, "big")),
+        )
+        if row is None:
+            raise CertificateNotFoundError(dn, serial)
+        certificate: bytes = row[0]
+        return certificate
+
+
+class SqliteConfigurationDatabase:
+    """Device public keys in SQLite."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def store_key(self, device_id: str, spki: bytes) -> None:
+        self._db.write("INSERT OR REPLACE INTO device_keys VALUES (?, ?)", (device_id, spki))
+
+    async def stored_key(self, device_id: str) -> bytes | None:
+        row = self._db.read_one("SELECT spki FROM device_keys WHERE device_id = ?", (device_id,))
+        return None if row is None else bytes(row[0])
+
+
+class SqliteDeviceStores:
+    """The device side's persistent store and key store in SQLite."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def save(self, device_id: str, protected_key: bytes, dn: str, profile_id: str) -> None:
+        self._db.write(
+            "INSERT OR REPLACE INTO persistent_store VALUES (?, ?, ?, ?)",
+            (device_id, protected_key, dn, profile_id),
+        )
+
+    async def install(
+        self, device_id: str, certificate: bytes, protected_key: bytes, chain: bytes
+    ) -> None:
+        self._db.write(
+            "INSERT OR REPLACE INTO key_store VALUES (?, ?, ?, ?)",
+            (device_id, certificate, protected_key, chain),
+        )

@@ -1,0 +1,187 @@
+"""Assemble one engine replica from its configuration, once, before the clock starts.
+
+`EngineConfig` is the engine's view of a profile. `CAMaterial` is a CA hierarchy as DER, so a
+parent process can build it once and every shard process load the same one. `EnrollmentSystem`
+wires the actors together and runs enrollments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from engine.approval import AdministratorPool, ApprovalPolicy
+from engine.auth import DEFAULT_ITERATIONS, Verifier
+from engine.ca import CAChain, CertificationAuthority, IssuancePolicy, build_hierarchy
+from engine.chaincache import ChainCache
+from engine.connection import ConnectionService
+from engine.device import Device, DeviceIdentity, DeviceProfile, KeyProtection, RequestPath
+from engine.distribution import Distribution
+from engine.enterprise import EnterpriseServer
+from engine.flow import NULL_RECORDER, Outcome, StepRecorder, enroll
+from engine.identity import User
+from engine.keys import (
+    KEY_SPECS,
+    PrivateKey,
+    key_spec,
+    load_private_key,
+    private_key_to_der,
+)
+from engine.request import RequestTemplate
+from engine.stores import (
+    Database,
+    SqliteConfigurationDatabase,
+    SqliteDeviceStores,
+    SqliteDirectory,
+)
+
+_NO_DELAY = Distribution("fixed")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything the engine needs to know about a CA profile and its environment."""
+
+    profile_id: str = "enrollbench"
+    device_key: str = "p256"
+    hash_name: str = "sha256"
+    ca_key: str = "p256"
+    ca_intermediates: int = 0
+    allowed_keys: frozenset[str] = frozenset(KEY_SPECS)
+    approval: ApprovalPolicy | None = None
+    chain_cache_ttl: float = 300.0
+    warm_cache: bool = True
+    ca_fetch_latency: Distribution = _NO_DELAY
+    auth_iterations: int = DEFAULT_ITERATIONS
+    key_protection: KeyProtection = "pkcs8-encrypted"
+    request_path: RequestPath = "template"
+    link_latency: Distribution = _NO_DELAY
+    validity_days: int = 365
+    database: str = ":memory:"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        key_spec(self.device_key)
+        key_spec(self.ca_key)
+        if self.ca_intermediates < 0 or self.validity_days < 1:
+            raise ValueError("ca_intermediates must be >= 0 and validity_days >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class CAMaterial:
+    """A CA hierarchy as bytes: certificates (root first) and the issuing key as PKCS #8."""
+
+    certificates: tuple[bytes, ...]
+    issuing_key: bytes = field(repr=False)
+
+    @classmethod
+    def create(cls, config: EngineConfig, keys: Sequence[PrivateKey]) -> CAMaterial:
+        """Build the hierarchy from `keys` (root first: ca_intermediates + 2 keys)."""
+        if len(keys) != config.ca_intermediates + 2:
+            raise ValueError(f"need {config.ca_intermediates + 2} CA keys, got {len(keys)}")
+        chain = build_hierarchy(
+            config.profile_id, keys, config.hash_name, datetime.now(UTC)
+        )
+        return cls(
+            tuple(c.public_bytes(serialization.Encoding.DER) for c in chain.certificates),
+            private_key_to_der(chain.issuing_key),
+        )
+
+    def chain(self) -> CAChain:
+        certificates = tuple(x509.load_der_x509_certificate(der) for der in self.certificates)
+        return CAChain(certificates, load_private_key(self.issuing_key))
+
+
+class EnrollmentSystem:
+    """One engine replica: directory, configuration database, CA, connection service, server."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        material: CAMaterial,
+        users: Iterable[tuple[User, Verifier]],
+        wall_clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        rng = random.Random(config.seed)
+        self.database = Database(config.database)
+        self.directory = SqliteDirectory(self.database)
+        self.directory.seed(users)
+        self.configuration = SqliteConfigurationDatabase(self.database)
+        self.device_stores = SqliteDeviceStores(self.database)
+        approvals = None
+        if config.approval is not None:
+            approvals = AdministratorPool(config.approval, random.Random(rng.random()))
+        spec = key_spec(config.device_key)
+        self.authority = CertificationAuthority(
+            config.profile_id,
+            material.chain(),
+            config.hash_name,
+            spec.family,
+            IssuancePolicy(config.allowed_keys),
+            config.validity_days * 86_400,
+            self.directory,
+            wall_clock,
+            approvals,
+        )
+        cache = ChainCache(config.chain_cache_ttl, monotonic)
+        if config.warm_cache:
+            cache.put(config.profile_id, self.authority.chain_der)
+        self.connection = ConnectionService(
+            self.directory,
+            {config.profile_id: self.authority},
+            cache,
+            config.ca_fetch_latency.sampler(random.Random(rng.random())),
+        )
+        self.enterprise = EnterpriseServer(self.directory, self.configuration)
+        self._device_profile = DeviceProfile(
+            spec, config.hash_name, config.key_protection, config.request_path
+        )
+        self._template = RequestTemplate(spec.family)
+        self._link_delay = config.link_latency.sampler(random.Random(rng.random()))
+        self._device_secret = os.urandom(32)
+
+    def device(self, identity: DeviceIdentity) -> Device:
+        """A device for one enrollment, with its own key-protection secret."""
+        secret = hmac.new(self._device_secret, identity.device_id.encode(), hashlib.sha256)
+        return Device(
+            identity,
+            self._device_profile,
+            self._template,
+            self.device_stores,
+            self.device_stores,
+            secret.digest(),
+        )
+
+    async def _link(self) -> None:
+        """One hop over the simulated wireless link: a wait, no CPU."""
+        delay = self._link_delay()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def enroll(
+        self, identity: DeviceIdentity, recorder: StepRecorder = NULL_RECORDER
+    ) -> Outcome:
+        """Run one device's enrollment to its outcome."""
+        return await enroll(
+            self.device(identity), self.connection, self.enterprise, self._link, recorder
+        )
+
+    @property
+    def approvals_pending(self) -> int:
+        pool = self.authority.approvals
+        return 0 if pool is None else pool.pending
+
+    def close(self) -> None:
+        self.database.close()
