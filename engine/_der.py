@@ -52,10 +52,10 @@ def encode_oid(dotted: str) -> bytes:
     body = bytearray()
     for arc in [40 * arcs[0] + arcs[1], *arcs[2:]]:
         chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
+        rest = arc >> 7
+        while rest:
+            chunk.append(0x80 | (rest & 0x7F))
+            rest >>= 7
         body.extend(reversed(chunk))
     return encode_tlv(OID, bytes(body))
 

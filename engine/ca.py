@@ -72,7 +72,7 @@ def build_hierarchy(
         )
         parent_key = keys[depth - 1] if depth else key
         issuer = certificates[-1].subject if certificates else name
-        path_length = max(len(keys) - 2 - depth, 0)
+        path_length = len(keys) - 1 - depth  # CA certificates that may follow (RFC 5280 4.2.1.9)
         certificates.append(
             _sign_ca_certificate(name, issuer, key, parent_key, path_length, hash_name, now)
         )

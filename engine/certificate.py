@@ -9,7 +9,6 @@ once with the CA key.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -26,7 +25,7 @@ _CLIENT_AUTH = "1.3.6.1.5.5.7.3.2"
 
 
 def encode_extension(oid: str, value: bytes, *, critical: bool) -> bytes:
-    """Encode Extension ::= SEQUENCE { extnID, critical DEFAULT FALSE, extnValue } (RFC 5280 4.1)."""
+    """Encode Extension ::= SEQUENCE { extnID, critical, extnValue } (RFC 5280 4.1)."""
     flag = _TRUE if critical else b""  # DER omits a DEFAULT value (X.690 11.5)
     return _der.encode_tlv(
         _der.SEQUENCE, _der.encode_oid(oid) + flag + _der.encode_tlv(_der.OCTET_STRING, value)
@@ -86,7 +85,11 @@ class CertificateTemplate:
         """Return a signed certificate in DER for one device."""
         extensions = (
             self._head
-            + encode_extension("2.5.29.14", _der.encode_tlv(_der.OCTET_STRING, key_identifier(spki)), critical=False)
+            + encode_extension(
+                "2.5.29.14",
+                _der.encode_tlv(_der.OCTET_STRING, key_identifier(spki)),
+                critical=False,
+            )
             + self._tail_extensions
         )
         if san_value is not None:

@@ -1,4 +1,4 @@
-"""The connection service: authenticates users, caches CA chains, talks to the CA (steps 2, 7-12)."""
+"""The connection service: authenticates users, caches chains, talks to the CA (steps 2, 7-12)."""
 
 from __future__ import annotations
 

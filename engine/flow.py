@@ -119,7 +119,7 @@ async def enroll(
         return Outcome(
             device_id, Status.FAILED, steps.current, exc.reason, type(exc).__name__, str(exc)
         )
-    except Exception as exc:  # noqa: BLE001 (an unexpected error fails this device only)
+    except Exception as exc:
         # Only the type is kept: an arbitrary message could carry secrets.
         return Outcome(device_id, Status.FAILED, steps.current, "unexpected", type(exc).__name__)
     recorder.end(Step.INSTALL)

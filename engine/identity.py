@@ -60,7 +60,7 @@ class AlternativeNames:
 
 
 def encode_alternative_names(email: str, upn: str) -> bytes:
-    """Encode GeneralNames {rfc822Name email, otherName UPN} as a SAN extnValue (RFC 5280 4.2.1.6)."""
+    """Encode GeneralNames {rfc822Name, otherName UPN} as a SAN extnValue (RFC 5280 4.2.1.6)."""
     upn_value = _der.encode_tlv(_EXPLICIT_0, _der.encode_tlv(_der.UTF8_STRING, upn.encode()))
     names = _der.encode_tlv(_RFC822_NAME, email.encode("ascii")) + _der.encode_tlv(
         _OTHER_NAME, _UPN_OID_DER + upn_value

@@ -59,14 +59,15 @@ KEY_SPECS: dict[str, KeySpec] = {
 }
 
 _CURVES: dict[int, ec.EllipticCurve] = {256: ec.SECP256R1(), 384: ec.SECP384R1()}
-_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+SignatureHash = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
+_HASHES: dict[str, Callable[[], SignatureHash]] = {
     "sha256": hashes.SHA256,
     "sha384": hashes.SHA384,
     "sha512": hashes.SHA512,
 }
 
 
-def hash_algorithm(hash_name: str | None) -> hashes.HashAlgorithm:
+def hash_algorithm(hash_name: str | None) -> SignatureHash:
     """The hash object for a profile's hash name (sha256, sha384, sha512)."""
     try:
         return _HASHES[str(hash_name)]()
@@ -166,7 +167,7 @@ def _describe_identifier(identifier: bytes) -> str:
 def load_public_key(spki: bytes) -> tuple[PublicKey, KeySpec]:
     """Load a SubjectPublicKeyInfo and name its key type; refuse anything a profile cannot allow."""
     start, end = _der.read_whole(spki, _der.SEQUENCE)
-    alg_start, alg_end = _der.expect(spki, start, _der.SEQUENCE, end)
+    _alg_start, alg_end = _der.expect(spki, start, _der.SEQUENCE, end)
     identifier = spki[start:alg_end]
     known = _SPKI_ALGORITHMS.get(identifier)
     if known is None:
@@ -294,7 +295,9 @@ def load_private_key(der: bytes) -> PrivateKey:
         )
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise MalformedDerError(f"private key does not load: {exc}") from exc
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+    if not isinstance(
+        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    ):
         raise UnsupportedKeyError(f"unsupported private key type {type(key).__name__}")
     return key
 

@@ -20,8 +20,8 @@ from engine.keys import (
     KeyFamily,
     KeySpec,
     PublicKey,
-    Signer,
     SignatureAlgorithm,
+    Signer,
     algorithm_from_identifier,
     hash_algorithm,
     load_public_key,
@@ -140,8 +140,8 @@ def parse_request(der: bytes) -> ParsedRequest:
     if not isinstance(der, bytes):
         raise MalformedDerError("request is not bytes")
     start, end = _der.read_whole(der, _der.SEQUENCE)
-    info_start, info_end = _der.expect(der, start, _der.SEQUENCE, end)
-    alg_start, alg_end = _der.expect(der, info_end, _der.SEQUENCE, end)
+    _info_start, info_end = _der.expect(der, start, _der.SEQUENCE, end)
+    _alg_start, alg_end = _der.expect(der, info_end, _der.SEQUENCE, end)
     sig_start, sig_end = _der.expect(der, alg_end, _der.BIT_STRING, end)
     if sig_end != end:
         raise MalformedDerError("trailing bytes in CertificationRequest", sig_end)

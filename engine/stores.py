@@ -78,7 +78,7 @@ class MessagingDirectory(Protocol):
 
 
 class Directory(Protocol):
-    """LDAP: user entries with their bind verifiers, and published certificates (steps 2, 11, 12)."""
+    """LDAP: user entries with bind verifiers, and published certificates (steps 2, 11, 12)."""
 
     async def verifier(self, user_id: str) -> Verifier: ...
 
@@ -98,7 +98,9 @@ class ConfigurationDatabase(Protocol):
 class PersistentStore(Protocol):
     """The device's flash store: protected key pair, DN and CA profile ID (step 5)."""
 
-    async def save(self, device_id: str, protected_key: bytes, dn: str, profile_id: str) -> None: ...
+    async def save(
+        self, device_id: str, protected_key: bytes, dn: str, profile_id: str
+    ) -> None: ...
 
 
 class KeyStore(Protocol):

@@ -89,9 +89,7 @@ class CAMaterial:
         """Build the hierarchy from `keys` (root first: ca_intermediates + 2 keys)."""
         if len(keys) != config.ca_intermediates + 2:
             raise ValueError(f"need {config.ca_intermediates + 2} CA keys, got {len(keys)}")
-        chain = build_hierarchy(
-            config.profile_id, keys, config.hash_name, datetime.now(UTC)
-        )
+        chain = build_hierarchy(config.profile_id, keys, config.hash_name, datetime.now(UTC))
         return cls(
             tuple(c.public_bytes(serialization.Encoding.DER) for c in chain.certificates),
             private_key_to_der(chain.issuing_key),

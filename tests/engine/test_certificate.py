@@ -1,0 +1,102 @@
+"""End-entity certificates from the TBSCertificate template."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from hypothesis import given
+from hypothesis import strategies as st
+from pyasn1.codec.der import decoder, encoder
+from pyasn1_modules import rfc5280
+
+from engine.certificate import CertificateTemplate, certificate_spki, encode_time, key_identifier
+from engine.errors import MalformedDerError
+from engine.identity import encode_alternative_names
+from engine.keys import KeyFamily, Signer
+from engine.system import EngineConfig
+from tests.conftest import ca_material, vector_key
+
+_CHAIN = ca_material(EngineConfig()).chain()
+_TEMPLATE = CertificateTemplate(
+    _CHAIN.issuing, Signer(_CHAIN.issuing_key, "sha256"), KeyFamily.EC, 86_400
+)
+_DEVICE = Signer(vector_key("p256-5"), "sha256")
+_SUBJECT = x509.Name.from_rfc4514_string("CN=device,O=Example").public_bytes()
+_NOW = 1_790_000_000
+
+
+def _issue(serial: int = 12345, now: int = _NOW, san: bytes | None = None) -> x509.Certificate:
+    der = _TEMPLATE.issue(serial, now, _SUBJECT, _DEVICE.spki, san)
+    return x509.load_der_x509_certificate(der)
+
+
+@given(st.integers(min_value=1, max_value=2**128 - 1), st.integers(0, 4_000_000_000))
+def test_template_round_trips_serial_and_validity(serial: int, now: int) -> None:
+    """Any 128-bit serial and time come back from cryptography's parser unchanged."""
+    certificate = _issue(serial, now)
+    assert certificate.serial_number == serial
+    assert certificate.not_valid_before_utc == datetime.fromtimestamp(now, UTC)
+    assert certificate.not_valid_after_utc == datetime.fromtimestamp(now + 86_400, UTC)
+
+
+def test_certificate_is_signed_by_the_issuing_ca() -> None:
+    """The issuing CA's key verifies the template's signature; issuer is its subject."""
+    certificate = _issue()
+    certificate.verify_directly_issued_by(_CHAIN.issuing)
+    assert certificate.issuer == _CHAIN.issuing.subject
+
+
+def test_extensions_are_rfc5280_end_entity() -> None:
+    """Basic constraints CA:FALSE, key usage, clientAuth EKU, SKI from the key, AKI of the CA."""
+    certificate = _issue(san=encode_alternative_names("a@example.com", "a@corp.example.com"))
+    extensions = certificate.extensions
+    basic = extensions.get_extension_for_class(x509.BasicConstraints)
+    assert basic.critical and not basic.value.ca
+    assert extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
+    eku = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    ski = extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert ski == x509.SubjectKeyIdentifier.from_public_key(certificate.public_key())  # type: ignore[arg-type]
+    aki = extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    issuer_ski = _CHAIN.issuing.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    assert aki.key_identifier == issuer_ski.value.digest
+    san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.RFC822Name) == ["a@example.com"]
+
+
+def test_pyasn1_decodes_the_certificate() -> None:
+    """pyasn1-modules rfc5280 decodes version v3, the subject and the SPKI we spliced."""
+    der = _TEMPLATE.issue(7, _NOW, _SUBJECT, _DEVICE.spki, None)
+    decoded, rest = decoder.decode(der, asn1Spec=rfc5280.Certificate())
+    tbs = decoded["tbsCertificate"]
+    assert rest == b"" and int(tbs["version"]) == 2
+    assert encoder.encode(tbs["subject"]) == _SUBJECT
+    assert encoder.encode(tbs["subjectPublicKeyInfo"]) == _DEVICE.spki
+
+
+def test_spki_is_sliced_from_the_certificate() -> None:
+    """certificate_spki returns exactly the key the certificate was issued for."""
+    der = _TEMPLATE.issue(7, _NOW, _SUBJECT, _DEVICE.spki, None)
+    assert certificate_spki(der) == _DEVICE.spki
+
+
+def test_spki_of_garbage_is_malformed() -> None:
+    """A truncated certificate raises MalformedDerError."""
+    der = _TEMPLATE.issue(7, _NOW, _SUBJECT, _DEVICE.spki, None)
+    with pytest.raises(MalformedDerError):
+        certificate_spki(der[:40])
+
+
+def test_times_switch_to_generalized_after_2049() -> None:
+    """RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050."""
+    assert encode_time(2_524_607_999)[0] == 0x17
+    assert encode_time(2_524_608_000)[0] == 0x18
+
+
+def test_key_identifier_is_sha1_of_the_key_bits() -> None:
+    """The SKI method 1 digest equals cryptography's."""
+    expected = x509.SubjectKeyIdentifier.from_public_key(vector_key("p256-5").public_key()).digest  # type: ignore[arg-type]
+    assert key_identifier(_DEVICE.spki) == expected
