@@ -32,8 +32,15 @@ def encode_length(length: int) -> bytes:
 
 
 def encode_tlv(tag: int, content: bytes) -> bytes:
-    """Encode one tag-length-value element."""
-    return bytes((tag,)) + encode_length(len(content)) + content
+    """Encode one tag-length-value element (lengths up to 64 KiB inline: the hot path)."""
+    length = len(content)
+    if length < 0x80:
+        return bytes((tag, length)) + content
+    if length < 0x100:
+        return bytes((tag, 0x81, length)) + content
+    if length < 0x10000:
+        return bytes((tag, 0x82, length >> 8, length & 0xFF)) + content
+    return bytes((tag,)) + encode_length(length) + content
 
 
 def encode_integer(value: int) -> bytes:
@@ -90,6 +97,11 @@ def read_header(data: bytes, offset: int) -> tuple[int, int, int]:
 
 def expect(data: bytes, offset: int, tag: int, limit: int) -> tuple[int, int]:
     """Read an element that must carry `tag` and end by `limit`; return (content start, end)."""
+    # Short-form lengths are inlined: most elements of a request or certificate have them.
+    if offset + 2 <= limit and data[offset] == tag and data[offset + 1] < 0x80:
+        end = offset + 2 + data[offset + 1]
+        if end <= limit:
+            return offset + 2, end
     found, start, end = read_header(data, offset)
     if found != tag:
         raise MalformedDerError(f"expected tag 0x{tag:02x}, found 0x{found:02x}", offset)

@@ -17,22 +17,26 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
+from engine import _der
 from engine.approval import AdministratorPool
 from engine.certificate import CertificateTemplate
 from engine.errors import SanNotAllowedError, SubjectMismatchError, UnsupportedKeyError
-from engine.identity import User, decode_alternative_names, describe_name
+from engine.identity import (
+    User,
+    decode_alternative_names,
+    describe_name,
+    general_name_elements,
+)
 from engine.keys import KeyFamily, KeySpec, PrivateKey, Signer, family_of, hash_algorithm
-from engine.request import SAN_OID, ParsedRequest, verify_request
+from engine.request import SAN_OID_DER, ParsedRequest, verify_request
 from engine.stores import Directory
 
 
 @dataclass(frozen=True, slots=True)
 class IssuancePolicy:
-    """What a CA profile allows: key types (RSA >= 2048 always), and which SANs a user may get."""
+    """What a CA profile allows: key types (RSA below 2048 bits never)."""
 
     allowed_keys: frozenset[str]
-    allow_email: bool = True
-    allow_upn: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,19 +184,16 @@ class CertificationAuthority:
         return spec
 
     def _check_alternative_names(self, request: ParsedRequest, user: User) -> None:
-        """Every requested SAN must be the user's own e-mail or UPN, and of an allowed kind."""
-        entry = request.extensions.get(SAN_OID)
+        """Every requested SAN must be one of the user's own names (RFC 5280 4.2.1.6)."""
+        entry = request.extensions.get(SAN_OID_DER)
         if entry is None:
             return
-        names = decode_alternative_names(entry[1])
-        if names.other_kinds:
-            raise SanNotAllowedError(f"SAN kinds not allowed: {sorted(set(names.other_kinds))}")
-        if any(email != user.email for email in names.emails) or (
-            names.emails and not self.policy.allow_email
-        ):
-            raise SanNotAllowedError(f"e-mail SAN not allowed for {user.user_id!r}")
-        if any(upn != user.upn for upn in names.upns) or (names.upns and not self.policy.allow_upn):
-            raise SanNotAllowedError(f"UPN SAN not allowed for {user.user_id!r}")
+        for name in general_name_elements(entry[1]):
+            if name not in user.general_names:
+                raise SanNotAllowedError(
+                    f"alternative name {_describe_general_name(name)} is not allowed for "
+                    f"{user.user_id!r}"
+                )
 
     def issue(self, request: ParsedRequest, user: User) -> Issued:
         """Issue a certificate with a fresh, unique, positive 128-bit serial (RFC 5280 4.1.2.2)."""
@@ -200,7 +201,7 @@ class CertificationAuthority:
         while serial == 0 or serial in self._serials:
             serial = int.from_bytes(os.urandom(16), "big")
         self._serials.add(serial)
-        san = request.extensions.get(SAN_OID)
+        san = request.extensions.get(SAN_OID_DER)
         certificate = self._template.issue(
             serial,
             int(self._wall_clock()),
@@ -210,3 +211,11 @@ class CertificationAuthority:
         )
         self.issued += 1
         return Issued(serial, user.dn.text, certificate)
+
+
+def _describe_general_name(name: bytes) -> str:
+    """Render one GeneralName for an error message."""
+    names = decode_alternative_names(_der.encode_tlv(_der.SEQUENCE, name))
+    if names.emails or names.upns:
+        return repr((names.emails + names.upns)[0])
+    return f"of kind [{names.other_kinds[0] & 0x1F}]"

@@ -9,27 +9,34 @@ once with the CA key.
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from engine import _der
-from engine.errors import MalformedDerError
-from engine.keys import KeyFamily, Signer
-from engine.request import device_key_usage
+from engine.keys import KeyFamily, Signer, hash_algorithm
+from engine.request import SAN_OID_DER, device_key_usage
 
 _VERSION_3 = _der.encode_tlv(0xA0, _der.encode_integer(2))  # [0] EXPLICIT Version v3(2)
 _TRUE = _der.encode_tlv(_der.BOOLEAN, b"\xff")
 _UTC_TIME_LIMIT = 2_524_608_000  # 2050-01-01: RFC 5280 4.1.2.5 switches to GeneralizedTime
-_CLIENT_AUTH = "1.3.6.1.5.5.7.3.2"
+_CLIENT_AUTH = _der.encode_oid("1.3.6.1.5.5.7.3.2")
+_BASIC_CONSTRAINTS = _der.encode_oid("2.5.29.19")
+_KEY_USAGE = _der.encode_oid("2.5.29.15")
+_EXT_KEY_USAGE = _der.encode_oid("2.5.29.37")
+_SUBJECT_KEY_ID = _der.encode_oid("2.5.29.14")
+_AUTHORITY_KEY_ID = _der.encode_oid("2.5.29.35")
 
 
-def encode_extension(oid: str, value: bytes, *, critical: bool) -> bytes:
-    """Encode Extension ::= SEQUENCE { extnID, critical, extnValue } (RFC 5280 4.1)."""
+def encode_extension(oid: bytes, value: bytes, *, critical: bool) -> bytes:
+    """Encode Extension ::= SEQUENCE { extnID, critical, extnValue } (RFC 5280 4.1).
+
+    `oid` is the extnID already DER-encoded, so the hot path never encodes an OID.
+    """
     flag = _TRUE if critical else b""  # DER omits a DEFAULT value (X.690 11.5)
-    return _der.encode_tlv(
-        _der.SEQUENCE, _der.encode_oid(oid) + flag + _der.encode_tlv(_der.OCTET_STRING, value)
-    )
+    return _der.encode_tlv(_der.SEQUENCE, oid + flag + _der.encode_tlv(_der.OCTET_STRING, value))
 
 
 def encode_time(epoch: int) -> bytes:
@@ -67,17 +74,17 @@ class CertificateTemplate:
         issuer_ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         aki = x509.AuthorityKeyIdentifier(issuer_ski.digest, None, None).public_bytes()
         self._head = (
-            encode_extension("2.5.29.19", _der.encode_tlv(_der.SEQUENCE, b""), critical=True)
+            encode_extension(_BASIC_CONSTRAINTS, _der.encode_tlv(_der.SEQUENCE, b""), critical=True)
             + encode_extension(
-                "2.5.29.15", device_key_usage(device_family).public_bytes(), critical=True
+                _KEY_USAGE, device_key_usage(device_family).public_bytes(), critical=True
             )
             + encode_extension(
-                "2.5.29.37",
-                _der.encode_tlv(_der.SEQUENCE, _der.encode_oid(_CLIENT_AUTH)),
+                _EXT_KEY_USAGE,
+                _der.encode_tlv(_der.SEQUENCE, _CLIENT_AUTH),
                 critical=False,
             )
         )
-        self._tail_extensions = encode_extension("2.5.29.35", aki, critical=False)
+        self._tail_extensions = encode_extension(_AUTHORITY_KEY_ID, aki, critical=False)
 
     def issue(
         self, serial: int, now: int, subject: bytes, spki: bytes, san_value: bytes | None
@@ -86,14 +93,14 @@ class CertificateTemplate:
         extensions = (
             self._head
             + encode_extension(
-                "2.5.29.14",
+                _SUBJECT_KEY_ID,
                 _der.encode_tlv(_der.OCTET_STRING, key_identifier(spki)),
                 critical=False,
             )
             + self._tail_extensions
         )
         if san_value is not None:
-            extensions += encode_extension("2.5.29.17", san_value, critical=False)
+            extensions += encode_extension(SAN_OID_DER, san_value, critical=False)
         tbs = _der.encode_tlv(
             _der.SEQUENCE,
             _VERSION_3
@@ -122,11 +129,51 @@ class CertificateTemplate:
 def certificate_spki(certificate: bytes) -> bytes:
     """Slice the SubjectPublicKeyInfo out of a DER certificate without a full parse."""
     start, end = _der.read_whole(certificate, _der.SEQUENCE)
-    tbs_start, tbs_end = _der.expect(certificate, start, _der.SEQUENCE, end)
-    fields = _der.split_children(certificate, tbs_start, tbs_end)
-    # tbsCertificate: [0] version, serial, signature, issuer, validity, subject, spki, ...
-    index = 6 if fields and fields[0][0] == 0xA0 else 5
-    if len(fields) <= index or fields[index][0] != _der.SEQUENCE:
-        raise MalformedDerError("certificate has no subjectPublicKeyInfo", tbs_start)
-    _, offset, _, stop = fields[index]
-    return certificate[offset:stop]
+    offset, tbs_end = _der.expect(certificate, start, _der.SEQUENCE, end)
+    # tbsCertificate (RFC 5280 4.1): [0] version, serial, signature, issuer, validity, subject, spki
+    skip = 6 if offset < tbs_end and certificate[offset] == 0xA0 else 5
+    for _ in range(skip):
+        _, _, offset = _der.read_header(certificate, offset)
+    _, spki_end = _der.expect(certificate, offset, _der.SEQUENCE, tbs_end)
+    return certificate[offset:spki_end]
+
+
+def build_certificate_with_builder(
+    issuer: x509.Certificate,
+    signer: Signer,
+    device_family: KeyFamily,
+    validity_seconds: int,
+    serial: int,
+    now: int,
+    request: x509.CertificateSigningRequest,
+) -> bytes:
+    """The reference path: the same end-entity certificate through `CertificateBuilder`."""
+    moment = datetime.fromtimestamp(now, UTC)
+    public_key = request.public_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(request.subject)
+        .issuer_name(issuer.subject)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(moment)
+        .not_valid_after(moment + timedelta(seconds=validity_seconds))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(device_key_usage(device_family), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            ),
+            critical=False,
+        )
+    )
+    try:
+        names = request.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        builder = builder.add_extension(names.value, critical=False)
+    except x509.ExtensionNotFound:
+        pass
+    hash_name = signer.algorithm.hash_name
+    algorithm = None if hash_name is None else hash_algorithm(hash_name)
+    return builder.sign(signer.key, algorithm).public_bytes(serialization.Encoding.DER)

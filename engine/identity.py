@@ -6,7 +6,7 @@ computed once when the directory is seeded, so the hot path compares bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 
@@ -42,12 +42,21 @@ class DistinguishedName:
 
 @dataclass(frozen=True, slots=True)
 class User:
-    """A directory user: who may enroll, under which DN, with which alternative names."""
+    """A directory user: who may enroll, under which DN, with which alternative names.
+
+    `general_names` holds the DER GeneralName of each name the user may have in a certificate;
+    DER is canonical, so policy checks compare bytes.
+    """
 
     user_id: str
     dn: DistinguishedName
     email: str
     upn: str
+    general_names: frozenset[bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = general_name_elements(encode_alternative_names(self.email, self.upn))
+        object.__setattr__(self, "general_names", frozenset(names))
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +75,19 @@ def encode_alternative_names(email: str, upn: str) -> bytes:
         _OTHER_NAME, _UPN_OID_DER + upn_value
     )
     return _der.encode_tlv(_der.SEQUENCE, names)
+
+
+def general_name_elements(value: bytes) -> list[bytes]:
+    """Split a SAN extnValue (GeneralNames) into the DER of each GeneralName."""
+    start, end = _der.read_whole(value, _der.SEQUENCE)
+    elements = []
+    while start < end:
+        _, _, stop = _der.read_header(value, start)
+        if stop > end:
+            raise MalformedDerError("GeneralName runs past the end of GeneralNames", start)
+        elements.append(value[start:stop])
+        start = stop
+    return elements
 
 
 def decode_alternative_names(value: bytes) -> AlternativeNames:

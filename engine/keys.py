@@ -8,7 +8,7 @@ path is one call into OpenSSL.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -92,15 +92,24 @@ class SignatureAlgorithm:
     family: KeyFamily
     hash_name: str | None
     identifier: bytes
+    # Ready-made verification parameters (ECDSA object, or PKCS #1 padding and hash), made once.
+    ecdsa: ec.ECDSA | None = field(default=None, compare=False)
+    pkcs1: tuple[padding.PKCS1v15, SignatureHash] | None = field(default=None, compare=False)
 
 
 def _algorithm(family: KeyFamily, hash_name: str | None, oid: str) -> SignatureAlgorithm:
     # RFC 4055 2.1: PKCS #1 v1.5 identifiers carry NULL parameters; RFC 5758 3.2 and RFC 8410 3:
     # ECDSA and EdDSA identifiers carry none.
     params = _der.encode_tlv(_der.NULL, b"") if family is KeyFamily.RSA else b""
-    return SignatureAlgorithm(
-        family, hash_name, _der.encode_tlv(_der.SEQUENCE, _der.encode_oid(oid) + params)
-    )
+    identifier = _der.encode_tlv(_der.SEQUENCE, _der.encode_oid(oid) + params)
+    if family is KeyFamily.EC:
+        return SignatureAlgorithm(
+            family, hash_name, identifier, ecdsa=ec.ECDSA(_HASHES[str(hash_name)]())
+        )
+    if family is KeyFamily.RSA:
+        pkcs1 = (padding.PKCS1v15(), _HASHES[str(hash_name)]())
+        return SignatureAlgorithm(family, hash_name, identifier, pkcs1=pkcs1)
+    return SignatureAlgorithm(family, hash_name, identifier)
 
 
 SIGNATURE_ALGORITHMS: tuple[SignatureAlgorithm, ...] = (
@@ -136,17 +145,17 @@ def algorithm_from_identifier(identifier: bytes) -> SignatureAlgorithm:
 
 # SubjectPublicKeyInfo algorithm identifiers we accept (RFC 3279 2.3, RFC 5480 2.1, RFC 8410 3).
 _EC_PUBLIC_KEY = "1.2.840.10045.2.1"
-_SPKI_ALGORITHMS: dict[bytes, tuple[KeyFamily, int]] = {
+_SPKI_ALGORITHMS: dict[bytes, KeySpec] = {
     _der.encode_tlv(
         _der.SEQUENCE, _der.encode_oid("1.2.840.113549.1.1.1") + _der.encode_tlv(_der.NULL, b"")
-    ): (KeyFamily.RSA, 0),
+    ): KeySpec("rsa", KeyFamily.RSA, 0),
     _der.encode_tlv(
         _der.SEQUENCE, _der.encode_oid(_EC_PUBLIC_KEY) + _der.encode_oid("1.2.840.10045.3.1.7")
-    ): (KeyFamily.EC, 256),
+    ): KEY_SPECS["p256"],
     _der.encode_tlv(
         _der.SEQUENCE, _der.encode_oid(_EC_PUBLIC_KEY) + _der.encode_oid("1.3.132.0.34")
-    ): (KeyFamily.EC, 384),
-    _der.encode_tlv(_der.SEQUENCE, _der.encode_oid("1.3.101.112")): (KeyFamily.ED25519, 256),
+    ): KEY_SPECS["p384"],
+    _der.encode_tlv(_der.SEQUENCE, _der.encode_oid("1.3.101.112")): KEY_SPECS["ed25519"],
 }
 
 
@@ -165,28 +174,37 @@ def _describe_identifier(identifier: bytes) -> str:
 
 
 def load_public_key(spki: bytes) -> tuple[PublicKey, KeySpec]:
-    """Load a SubjectPublicKeyInfo and name its key type; refuse anything a profile cannot allow."""
+    """Load a SubjectPublicKeyInfo and name its key type; refuse anything a profile cannot allow.
+
+    EC and Ed25519 keys load straight from the subjectPublicKey bits (the point is still
+    validated by OpenSSL); RSA keys go through the DER loader.
+    """
     start, end = _der.read_whole(spki, _der.SEQUENCE)
-    _alg_start, alg_end = _der.expect(spki, start, _der.SEQUENCE, end)
+    _, alg_end = _der.expect(spki, start, _der.SEQUENCE, end)
     identifier = spki[start:alg_end]
-    known = _SPKI_ALGORITHMS.get(identifier)
-    if known is None:
+    spec = _SPKI_ALGORITHMS.get(identifier)
+    if spec is None:
         raise UnsupportedKeyError(
             f"unsupported key algorithm or curve {_describe_identifier(identifier)}"
         )
+    bits_start, bits_end = _der.expect(spki, alg_end, _der.BIT_STRING, end)
+    if bits_end != end or bits_start == bits_end or spki[bits_start] != 0:
+        raise MalformedDerError("subjectPublicKey is not a whole-byte BIT STRING", alg_end)
     try:
+        if spec.family is KeyFamily.EC:
+            point = spki[bits_start + 1 : bits_end]
+            return ec.EllipticCurvePublicKey.from_encoded_point(_CURVES[spec.bits], point), spec
+        if spec.family is KeyFamily.ED25519:
+            raw = spki[bits_start + 1 : bits_end]
+            return ed25519.Ed25519PublicKey.from_public_bytes(raw), spec
         key = serialization.load_der_public_key(spki)
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise MalformedDerError(f"public key does not load: {exc}") from exc
-    family, bits = known
-    if isinstance(key, rsa.RSAPublicKey):
-        bits = key.key_size
-        if bits < MINIMUM_RSA_BITS:
-            raise WeakKeyError(bits, MINIMUM_RSA_BITS)
-        return key, KEY_SPECS.get(f"rsa{bits}", KeySpec(f"rsa{bits}", family, bits))
-    assert isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
-    name = "ed25519" if family is KeyFamily.ED25519 else f"p{bits}"
-    return key, KEY_SPECS[name]
+    assert isinstance(key, rsa.RSAPublicKey)
+    bits = key.key_size
+    if bits < MINIMUM_RSA_BITS:
+        raise WeakKeyError(bits, MINIMUM_RSA_BITS)
+    return key, KEY_SPECS.get(f"rsa{bits}", KeySpec(f"rsa{bits}", KeyFamily.RSA, bits))
 
 
 def verify_signature(
@@ -194,10 +212,10 @@ def verify_signature(
 ) -> None:
     """Verify `signature` over `data`; raise `SignatureInvalidError` when it does not hold."""
     try:
-        if isinstance(key, ec.EllipticCurvePublicKey) and algorithm.family is KeyFamily.EC:
-            key.verify(signature, data, ec.ECDSA(_HASHES[str(algorithm.hash_name)]()))
-        elif isinstance(key, rsa.RSAPublicKey) and algorithm.family is KeyFamily.RSA:
-            key.verify(signature, data, padding.PKCS1v15(), _HASHES[str(algorithm.hash_name)]())
+        if isinstance(key, ec.EllipticCurvePublicKey) and algorithm.ecdsa is not None:
+            key.verify(signature, data, algorithm.ecdsa)
+        elif isinstance(key, rsa.RSAPublicKey) and algorithm.pkcs1 is not None:
+            key.verify(signature, data, *algorithm.pkcs1)
         elif isinstance(key, ed25519.Ed25519PublicKey) and algorithm.family is KeyFamily.ED25519:
             key.verify(signature, data)
         else:

@@ -31,7 +31,7 @@ from engine.keys import (
 EXTENSION_REQUEST_OID = "1.2.840.113549.1.9.14"  # PKCS #9 extensionRequest (RFC 2985 5.4.2)
 SAN_OID = "2.5.29.17"
 KEY_USAGE_OID = "2.5.29.15"
-_SAN_OID_DER = _der.encode_oid(SAN_OID)
+SAN_OID_DER = _der.encode_oid(SAN_OID)
 _KEY_USAGE_OID_DER = _der.encode_oid(KEY_USAGE_OID)
 _EXTENSION_REQUEST_DER = _der.encode_oid(EXTENSION_REQUEST_OID)
 _VERSION_1 = _der.encode_integer(0)  # RFC 2986 4.1: version v1(0)
@@ -79,7 +79,7 @@ class RequestTemplate:
         """Return a signed CertificationRequest in DER."""
         san_value = encode_alternative_names(content.email, content.upn)
         san = _der.encode_tlv(
-            _der.SEQUENCE, _SAN_OID_DER + _der.encode_tlv(_der.OCTET_STRING, san_value)
+            _der.SEQUENCE, SAN_OID_DER + _der.encode_tlv(_der.OCTET_STRING, san_value)
         )
         extensions = _der.encode_tlv(_der.SEQUENCE, san + self._key_usage_extension)
         attribute = _der.encode_tlv(
@@ -125,14 +125,17 @@ def build_request_with_builder(signer: Signer, content: RequestContent) -> bytes
 
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:
-    """The parts of a request the CA and the enterprise server act on, as raw DER slices."""
+    """The parts of a request the CA and the enterprise server act on, as raw DER slices.
+
+    `extensions` maps each requested extension's OID, as its DER TLV, to (critical, extnValue).
+    """
 
     info: bytes
     subject: bytes
     spki: bytes
     algorithm: SignatureAlgorithm
     signature: bytes
-    extensions: dict[str, tuple[bool, bytes]]
+    extensions: dict[bytes, tuple[bool, bytes]]
 
 
 def parse_request(der: bytes) -> ParsedRequest:
@@ -140,70 +143,70 @@ def parse_request(der: bytes) -> ParsedRequest:
     if not isinstance(der, bytes):
         raise MalformedDerError("request is not bytes")
     start, end = _der.read_whole(der, _der.SEQUENCE)
-    _info_start, info_end = _der.expect(der, start, _der.SEQUENCE, end)
-    _alg_start, alg_end = _der.expect(der, info_end, _der.SEQUENCE, end)
+    info_start, info_end = _der.expect(der, start, _der.SEQUENCE, end)
+    _, alg_end = _der.expect(der, info_end, _der.SEQUENCE, end)
     sig_start, sig_end = _der.expect(der, alg_end, _der.BIT_STRING, end)
     if sig_end != end:
         raise MalformedDerError("trailing bytes in CertificationRequest", sig_end)
     if sig_end == sig_start or der[sig_start] != 0:
         raise MalformedDerError("signature BIT STRING has unused bits", sig_start)
     algorithm = algorithm_from_identifier(der[info_end:alg_end])
-    info = der[start:info_end]
-    subject, spki, extensions = _parse_info(info)
-    return ParsedRequest(info, subject, spki, algorithm, der[sig_start + 1 : sig_end], extensions)
-
-
-def _parse_info(info: bytes) -> tuple[bytes, bytes, dict[str, tuple[bool, bytes]]]:
-    """Read version, subject, SPKI and the extension request from a CertificationRequestInfo."""
-    start, end = _der.read_whole(info, _der.SEQUENCE)
-    ver_start, ver_end = _der.expect(info, start, _der.INTEGER, end)
-    if info[ver_start:ver_end] != b"\x00":
-        raise MalformedDerError("request version is not v1(0)", start)
-    _, subject_end = _der.expect(info, ver_end, _der.SEQUENCE, end)
-    _, spki_end = _der.expect(info, subject_end, _der.SEQUENCE, end)
-    attrs_start, attrs_end = _der.expect(info, spki_end, 0xA0, end)
-    if attrs_end != end:
+    # CertificationRequestInfo (RFC 2986 4.1): version, subject, subjectPKInfo, attributes [0]
+    version_start, version_end = _der.expect(der, info_start, _der.INTEGER, info_end)
+    if der[version_start:version_end] != b"\x00":
+        raise MalformedDerError("request version is not v1(0)", info_start)
+    _, subject_end = _der.expect(der, version_end, _der.SEQUENCE, info_end)
+    _, spki_end = _der.expect(der, subject_end, _der.SEQUENCE, info_end)
+    attrs_start, attrs_end = _der.expect(der, spki_end, 0xA0, info_end)
+    if attrs_end != info_end:
         raise MalformedDerError("trailing bytes in CertificationRequestInfo", attrs_end)
-    extensions = _parse_attributes(info, attrs_start, attrs_end)
-    return info[ver_end:subject_end], info[subject_end:spki_end], extensions
+    return ParsedRequest(
+        der[start:info_end],
+        der[version_end:subject_end],
+        der[subject_end:spki_end],
+        algorithm,
+        der[sig_start + 1 : sig_end],
+        _parse_attributes(der, attrs_start, attrs_end),
+    )
 
 
-def _parse_attributes(data: bytes, start: int, end: int) -> dict[str, tuple[bool, bytes]]:
+def _parse_attributes(data: bytes, start: int, end: int) -> dict[bytes, tuple[bool, bytes]]:
     """Collect the extensions of any extensionRequest attribute (RFC 2985 5.4.2)."""
-    extensions: dict[str, tuple[bool, bytes]] = {}
-    for tag, offset, content, stop in _der.split_children(data, start, end):
-        if tag != _der.SEQUENCE:
-            raise MalformedDerError("attribute is not a SEQUENCE", offset)
+    extensions: dict[bytes, tuple[bool, bytes]] = {}
+    offset = start
+    while offset < end:
+        content, stop = _der.expect(data, offset, _der.SEQUENCE, end)
         _, oid_end = _der.expect(data, content, _der.OID, stop)
-        if data[content:oid_end] != _EXTENSION_REQUEST_DER:
-            continue
-        set_start, set_end = _der.expect(data, oid_end, _der.SET, stop)
-        for _, ext_offset, ext_content, ext_stop in _der.split_children(data, set_start, set_end):
-            _der.expect(data, ext_offset, _der.SEQUENCE, set_end)
-            _parse_extensions(data, ext_content, ext_stop, extensions)
+        if data[content:oid_end] == _EXTENSION_REQUEST_DER:
+            set_start, set_end = _der.expect(data, oid_end, _der.SET, stop)
+            value = set_start
+            while value < set_end:
+                ext_start, value = _der.expect(data, value, _der.SEQUENCE, set_end)
+                _parse_extensions(data, ext_start, value, extensions)
+        offset = stop
     return extensions
 
 
 def _parse_extensions(
-    data: bytes, start: int, end: int, into: dict[str, tuple[bool, bytes]]
+    data: bytes, start: int, end: int, into: dict[bytes, tuple[bool, bytes]]
 ) -> None:
     """Read Extension SEQUENCEs (RFC 5280 4.1) into `into`, refusing duplicates."""
-    for tag, offset, content, stop in _der.split_children(data, start, end):
-        if tag != _der.SEQUENCE:
-            raise MalformedDerError("extension is not a SEQUENCE", offset)
-        oid_start, oid_end = _der.expect(data, content, _der.OID, stop)
+    offset = start
+    while offset < end:
+        content, stop = _der.expect(data, offset, _der.SEQUENCE, end)
+        _, cursor = _der.expect(data, content, _der.OID, stop)
+        oid = data[content:cursor]
         critical = False
-        cursor = oid_end
         if cursor < stop and data[cursor] == _der.BOOLEAN:
             bool_start, cursor = _der.expect(data, cursor, _der.BOOLEAN, stop)
             critical = data[bool_start:cursor] == b"\xff"
         value_start, value_end = _der.expect(data, cursor, _der.OCTET_STRING, stop)
         if value_end != stop:
             raise MalformedDerError("trailing bytes in extension", value_end)
-        oid = _der.decode_oid(data[oid_start:oid_end])
         if oid in into:
-            raise MalformedDerError(f"extension {oid} appears twice", offset)
+            raise MalformedDerError(f"extension {oid.hex()} appears twice", offset)
         into[oid] = (critical, data[value_start:value_end])
+        offset = stop
 
 
 def verify_request(request: ParsedRequest) -> tuple[PublicKey, KeySpec]:

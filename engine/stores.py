@@ -6,7 +6,7 @@ the device's persistent store and key store. A real server (OpenLDAP, PostgreSQL
 same Protocol and plugs in without touching the flow.
 
 One `Database` (one SQLite connection) serves one engine replica: in memory by default, or a file
-in WAL mode. Writes are committed in batches; reads on the same connection see them at once.
+in WAL mode. Writes are staged and group-committed; reads see them at once.
 """
 
 from __future__ import annotations
@@ -36,11 +36,16 @@ CREATE TABLE IF NOT EXISTS key_store (
     chain BLOB NOT NULL);
 """
 
-_COMMIT_EVERY = 512
+_FLUSH_EVERY = 512
 
 
 class Database:
-    """One SQLite connection with batched commits."""
+    """One SQLite connection with write-behind batching.
+
+    Writes are staged and flushed with `executemany` in one transaction every few hundred rows
+    (group commit). A staged row that is read back before its flush (a certificate retrieved
+    right after it was published) is served from `staged`, so readers always see every write.
+    """
 
     def __init__(self, path: str | Path = ":memory:") -> None:
         self._connection = sqlite3.connect(str(path), isolation_level="DEFERRED")
@@ -48,26 +53,44 @@ class Database:
             self._connection.execute("PRAGMA journal_mode=WAL")
             self._connection.execute("PRAGMA synchronous=NORMAL")
         self._connection.executescript(_SCHEMA)
-        self._uncommitted = 0
+        self._pending: dict[str, list[tuple[Any, ...]]] = {}
+        self._count = 0
+        self.staged: dict[tuple[Any, ...], Any] = {}
 
-    def write(self, sql: str, params: tuple[Any, ...]) -> None:
-        """Execute one write; commit every few hundred."""
-        self._connection.execute(sql, params)
-        self._uncommitted += 1
-        if self._uncommitted >= _COMMIT_EVERY:
-            self.commit()
+    def write(
+        self,
+        sql: str,
+        params: tuple[Any, ...],
+        key: tuple[Any, ...] | None = None,
+        value: Any = None,
+    ) -> None:
+        """Stage one write; `key` makes `value` readable from `staged` until the flush."""
+        rows = self._pending.get(sql)
+        if rows is None:
+            rows = self._pending[sql] = []
+        rows.append(params)
+        if key is not None:
+            self.staged[key] = value
+        self._count += 1
+        if self._count >= _FLUSH_EVERY:
+            self.flush()
 
     def read_one(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        """Execute a query and return its first row."""
+        """Execute a query over flushed rows and return its first row."""
         row: tuple[Any, ...] | None = self._connection.execute(sql, params).fetchone()
         return row
 
-    def commit(self) -> None:
-        self._connection.commit()
-        self._uncommitted = 0
+    def flush(self) -> None:
+        """Write every staged row in one transaction."""
+        with self._connection:
+            for sql, rows in self._pending.items():
+                self._connection.executemany(sql, rows)
+        self._pending.clear()
+        self.staged.clear()
+        self._count = 0
 
     def close(self) -> None:
-        self.commit()
+        self.flush()
         self._connection.close()
 
 
@@ -133,7 +156,7 @@ class SqliteUsers:
                     verifier.iterations,
                 ),
             )
-        self._db.commit()
+        self._db.flush()
 
     async def lookup_user(self, user_id: str) -> User:
         row = self._db.read_one(
@@ -157,10 +180,16 @@ class SqliteDirectory(SqliteUsers):
 
     async def publish(self, dn: str, serial: int, certificate: bytes) -> None:
         self._db.write(
-            "INSERT INTO published VALUES (?, ?, ?)", (dn, serial.to_bytes(16, "big"), certificate)
+            "INSERT INTO published VALUES (?, ?, ?)",
+            (dn, serial.to_bytes(16, "big"), certificate),
+            ("published", dn, serial),
+            certificate,
         )
 
     async def retrieve(self, dn: str, serial: int) -> bytes:
+        staged: bytes | None = self._db.staged.get(("published", dn, serial))
+        if staged is not None:
+            return staged
         row = self._db.read_one(
             "SELECT certificate FROM published WHERE dn = ? AND serial = ?",
             (dn, serial.to_bytes(16, "big")),
@@ -178,9 +207,17 @@ class SqliteConfigurationDatabase:
         self._db = database
 
     async def store_key(self, device_id: str, spki: bytes) -> None:
-        self._db.write("INSERT OR REPLACE INTO device_keys VALUES (?, ?)", (device_id, spki))
+        self._db.write(
+            "INSERT OR REPLACE INTO device_keys VALUES (?, ?)",
+            (device_id, spki),
+            ("device_keys", device_id),
+            spki,
+        )
 
     async def stored_key(self, device_id: str) -> bytes | None:
+        staged: bytes | None = self._db.staged.get(("device_keys", device_id))
+        if staged is not None:
+            return staged
         row = self._db.read_one("SELECT spki FROM device_keys WHERE device_id = ?", (device_id,))
         return None if row is None else bytes(row[0])
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import replace
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -65,9 +65,11 @@ def make_system() -> Iterator[SystemFactory]:
         count: int = 4, users: Sequence[Enrollee] | None = None, **overrides: object
     ) -> tuple[EnrollmentSystem, list[Enrollee]]:
         config = EngineConfig(**overrides)  # type: ignore[arg-type]
-        enrollees = list(users) if users is not None else [
-            simulated_enrollee(i, SEED) for i in range(count)
-        ]
+        enrollees = (
+            list(users)
+            if users is not None
+            else [simulated_enrollee(i, SEED) for i in range(count)]
+        )
         entries = [directory_entry(e, SEED, config.auth_iterations) for e in enrollees]
         system = EnrollmentSystem(config, ca_material(config), entries)
         built.append(system)

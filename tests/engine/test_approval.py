@@ -46,13 +46,13 @@ def test_reviews_never_exceed_the_administrators() -> None:
         ApprovalPolicy(2, Distribution("fixed", mean=0.001), 1.0), random.Random(1)
     )
     busy: list[int] = []
-    original = pool._draw_delay  # noqa: SLF001
+    original = pool._draw_delay
 
     def tracked() -> float:
-        busy.append(2 - len(pool._free))  # noqa: SLF001 (administrators currently reviewing)
+        busy.append(2 - len(pool._free))  # administrators reviewing now
         return original()
 
-    pool._draw_delay = tracked  # noqa: SLF001
+    pool._draw_delay = tracked
     _review_all(pool, 6)
     assert max(busy) == 2 and len(busy) == 6
 
@@ -60,5 +60,5 @@ def test_reviews_never_exceed_the_administrators() -> None:
 @pytest.mark.parametrize(("count", "rate"), [(0, 0.5), (1, 1.5), (1, -0.1)])
 def test_bad_policies_are_refused(count: int, rate: float) -> None:
     """No administrators, or a rate outside [0, 1], is refused."""
-    with pytest.raises(ValueError, match="administrator|approval_rate"):
+    with pytest.raises(ValueError, match=r"administrator|approval_rate"):
         ApprovalPolicy(count, Distribution("fixed"), rate)

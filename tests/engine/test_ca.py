@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
 
 from engine.errors import (
     SanNotAllowedError,
@@ -19,7 +20,12 @@ from engine.errors import (
 )
 from engine.identity import DistinguishedName
 from engine.keys import Signer
-from engine.request import RequestContent, RequestTemplate, build_request_with_builder, parse_request
+from engine.request import (
+    RequestContent,
+    RequestTemplate,
+    build_request_with_builder,
+    parse_request,
+)
 from tests.conftest import SystemFactory, device_of, require_tool, vector_key
 
 
@@ -38,13 +44,20 @@ def _pem(certificates: list[x509.Certificate]) -> bytes:
     ],
 )
 def test_issued_chain_verifies_with_openssl(
-    make_system: SystemFactory, tmp_path: Path, ca_key: str, device_key: str,
-    intermediates: int, hash_name: str,
+    make_system: SystemFactory,
+    tmp_path: Path,
+    ca_key: str,
+    device_key: str,
+    intermediates: int,
+    hash_name: str,
 ) -> None:
     """`openssl verify -CAfile root -untrusted chain leaf` accepts every issued certificate."""
     openssl = require_tool("openssl")
     system, users = make_system(
-        2, ca_key=ca_key, device_key=device_key, ca_intermediates=intermediates,
+        2,
+        ca_key=ca_key,
+        device_key=device_key,
+        ca_intermediates=intermediates,
         hash_name=hash_name,
     )
     vector = {"p256": "p256-4", "p384": "p384-2", "ed25519": "ed25519-2", "rsa2048": "rsa2048-4"}
@@ -58,10 +71,21 @@ def test_issued_chain_verifies_with_openssl(
         x509.load_der_x509_certificate(leaf).public_bytes(serialization.Encoding.PEM)
     )
     result = subprocess.run(
-        [openssl, "verify", "-x509_strict", "-purpose", "sslclient", "-CAfile",
-         str(tmp_path / "root.pem"), "-untrusted", str(tmp_path / "chain.pem"),
-         str(tmp_path / "leaf.pem")],
-        capture_output=True, text=True, check=False,
+        [
+            openssl,
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            str(tmp_path / "root.pem"),
+            "-untrusted",
+            str(tmp_path / "chain.pem"),
+            str(tmp_path / "leaf.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(chain) == intermediates + 2
@@ -69,8 +93,6 @@ def test_issued_chain_verifies_with_openssl(
 
 def test_chain_is_pkcs7_of_the_hierarchy(make_system: SystemFactory) -> None:
     """The cached chain is a PKCS #7 certs-only bundle of root, intermediate and issuing CA."""
-    from cryptography.hazmat.primitives.serialization import pkcs7
-
     system, _ = make_system(1, ca_intermediates=1)
     loaded = pkcs7.load_der_pkcs7_certificates(system.authority.chain_der)
     assert loaded == list(system.authority.chain.certificates)

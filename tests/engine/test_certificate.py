@@ -12,10 +12,17 @@ from hypothesis import strategies as st
 from pyasn1.codec.der import decoder, encoder
 from pyasn1_modules import rfc5280
 
-from engine.certificate import CertificateTemplate, certificate_spki, encode_time, key_identifier
+from engine.certificate import (
+    CertificateTemplate,
+    build_certificate_with_builder,
+    certificate_spki,
+    encode_time,
+    key_identifier,
+)
 from engine.errors import MalformedDerError
-from engine.identity import encode_alternative_names
+from engine.identity import DistinguishedName, encode_alternative_names
 from engine.keys import KeyFamily, Signer
+from engine.request import SAN_OID_DER, RequestContent, RequestTemplate, parse_request
 from engine.system import EngineConfig
 from tests.conftest import ca_material, vector_key
 
@@ -59,7 +66,7 @@ def test_extensions_are_rfc5280_end_entity() -> None:
     eku = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     ski = extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    assert ski == x509.SubjectKeyIdentifier.from_public_key(certificate.public_key())  # type: ignore[arg-type]
+    assert ski == x509.SubjectKeyIdentifier.from_public_key(certificate.public_key())
     aki = extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     issuer_ski = _CHAIN.issuing.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     assert aki.key_identifier == issuer_ski.value.digest
@@ -98,5 +105,24 @@ def test_times_switch_to_generalized_after_2049() -> None:
 
 def test_key_identifier_is_sha1_of_the_key_bits() -> None:
     """The SKI method 1 digest equals cryptography's."""
-    expected = x509.SubjectKeyIdentifier.from_public_key(vector_key("p256-5").public_key()).digest  # type: ignore[arg-type]
+    expected = x509.SubjectKeyIdentifier.from_public_key(vector_key("p256-5").public_key()).digest
     assert key_identifier(_DEVICE.spki) == expected
+
+
+def test_builder_path_gives_the_same_certificate() -> None:
+    """With a deterministic CA signature (Ed25519), template and builder are byte-identical."""
+    chain = ca_material(EngineConfig(ca_key="ed25519")).chain()
+    signer = Signer(chain.issuing_key, None)
+    template = CertificateTemplate(chain.issuing, signer, KeyFamily.EC, 86_400)
+    user_signer = Signer(vector_key("p256-5"), "sha256")
+    content = RequestContent(
+        DistinguishedName.from_text("CN=u,O=Example"), "u@x.org", "u@corp.x.org"
+    )
+    request_der = RequestTemplate(KeyFamily.EC).build(user_signer, content)
+    parsed = parse_request(request_der)
+    san = parsed.extensions[SAN_OID_DER][1]
+    fast = template.issue(99, _NOW, parsed.subject, parsed.spki, san)
+    reference = build_certificate_with_builder(
+        chain.issuing, signer, KeyFamily.EC, 86_400, 99, _NOW, x509.load_der_x509_csr(request_der)
+    )
+    assert fast == reference

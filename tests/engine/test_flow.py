@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
 from engine.approval import ApprovalPolicy
 from engine.device import DeviceIdentity
 from engine.distribution import Distribution
-from engine.flow import Outcome, Status, Step
+from engine.flow import Outcome, Status, Step, enroll
 from engine.identity import DistinguishedName
 from engine.keys import Signer, private_key_to_der
 from engine.request import RequestContent, RequestTemplate
@@ -51,12 +52,9 @@ def test_issued_device_has_certificate_in_key_store(make_system: SystemFactory) 
     """Step 14 stores the certificate that step 11 published, with statuses on the way."""
     system, users = make_system(1)
     device = system.device(device_of(users[0]))
-    from engine.flow import enroll
-
-    outcome = asyncio.run(
-        enroll(device, system.connection, system.enterprise, system._link)  # noqa: SLF001
-    )
+    outcome = asyncio.run(enroll(device, system.connection, system.enterprise, system._link))
     published = asyncio.run(system.directory.retrieve(users[0].user.dn.text, outcome.serial or 0))
+    system.database.flush()
     row = system.database.read_one("SELECT certificate, chain FROM key_store", ())
     assert row == (published, system.authority.chain_der)
     assert device.statuses == ["submitted", "issued"]
@@ -71,7 +69,9 @@ def test_live_key_generation_works(make_system: SystemFactory) -> None:
 
 def _bad_request(user_dn: DistinguishedName, key: str, email: str, upn: str) -> bytes:
     signer = Signer(vector_key(key), "sha256")
-    return RequestTemplate(signer.algorithm.family).build(signer, RequestContent(user_dn, email, upn))
+    return RequestTemplate(signer.algorithm.family).build(
+        signer, RequestContent(user_dn, email, upn)
+    )
 
 
 def _assert_isolated(outcomes: list[Outcome], bad: Outcome) -> None:
@@ -118,7 +118,7 @@ def test_bad_device_ends_alone(
         fields["password"] = "not-the-password"
     else:
         fields["user_id"] = "nobody"
-    identities[1] = device_of(users[1], **fields)
+    identities[1] = replace(device_of(users[1]), **fields)  # type: ignore[arg-type]
     outcomes = _run(system, identities)
     bad = outcomes[1]
     assert (bad.status, bad.reason, bad.error) == (status, reason, error)
@@ -130,7 +130,9 @@ def test_certificate_for_another_key_never_reaches_the_device(
 ) -> None:
     """A directory returning another device's certificate ends in KeyMismatchError at step 13."""
     system, users = make_system(3)
-    identities = [device_of(u, key=k) for u, k in zip(users, ["p256-4", "p256-5", "p256-4"], strict=True)]
+    identities = [
+        device_of(u, key=k) for u, k in zip(users, ["p256-4", "p256-5", "p256-4"], strict=True)
+    ]
     first = _run(system, identities[:1])[0]
     foreign = asyncio.run(system.directory.retrieve(users[0].user.dn.text, first.serial or 0))
     original = system.directory.retrieve
@@ -141,9 +143,14 @@ def test_certificate_for_another_key_never_reaches_the_device(
     monkeypatch.setattr(system.directory, "retrieve", swapped)
     outcomes = _run(system, identities[1:])
     bad = outcomes[0]
-    assert (bad.status, bad.error, bad.step) == (Status.REJECTED, "KeyMismatchError", Step.MATCH_AND_DELIVER)
+    assert (bad.status, bad.error, bad.step) == (
+        Status.REJECTED,
+        "KeyMismatchError",
+        Step.MATCH_AND_DELIVER,
+    )
     assert users[1].user.user_id in bad.detail
     _assert_isolated(outcomes, bad)
+    system.database.flush()
     row = system.database.read_one(
         "SELECT count(*) FROM key_store WHERE device_id = ?", (identities[1].device_id,)
     )
@@ -164,7 +171,11 @@ def test_certificate_missing_from_directory_fails_that_device(
     monkeypatch.setattr(system.directory, "publish", lossy)
     outcomes = _run(system, [device_of(u) for u in users])
     bad = outcomes[0]
-    assert (bad.status, bad.reason, bad.step) == (Status.FAILED, "certificate-not-found", Step.RETRIEVE)
+    assert (bad.status, bad.reason, bad.step) == (
+        Status.FAILED,
+        "certificate-not-found",
+        Step.RETRIEVE,
+    )
     _assert_isolated(outcomes, bad)
 
 
@@ -182,7 +193,11 @@ def test_unexpected_exception_fails_only_that_device(
 
     monkeypatch.setattr(system.configuration, "store_key", broken)
     outcomes = _run(system, [device_of(u) for u in users])
-    assert (outcomes[0].status, outcomes[0].error, outcomes[0].detail) == (Status.FAILED, "RuntimeError", "")
+    assert (outcomes[0].status, outcomes[0].error, outcomes[0].detail) == (
+        Status.FAILED,
+        "RuntimeError",
+        "",
+    )
     _assert_isolated(outcomes, outcomes[0])
 
 
@@ -226,18 +241,17 @@ def test_device_statuses_include_pending_approval(make_system: SystemFactory) ->
     approval = ApprovalPolicy(1, Distribution("fixed"), 1.0)
     system, users = make_system(1, approval=approval)
     device = system.device(device_of(users[0]))
-    from engine.flow import enroll
-
-    asyncio.run(enroll(device, system.connection, system.enterprise, system._link))  # noqa: SLF001
+    asyncio.run(enroll(device, system.connection, system.enterprise, system._link))
     assert device.statuses == ["submitted", "pending-approval", "issued"]
 
 
 @pytest.mark.parametrize("protection", ["pkcs8-encrypted", "none"])
 def test_persistent_store_protects_the_key(make_system: SystemFactory, protection: str) -> None:
-    """Step 5 stores the encrypted key (or plain PKCS #8 when the profile says none), DN and profile."""
+    """Step 5 stores the encrypted key (plain PKCS #8 if the profile says none), DN, profile."""
     system, users = make_system(1, key_protection=protection)
     identity = device_of(users[0])
     asyncio.run(system.enroll(identity))
+    system.database.flush()
     row = system.database.read_one("SELECT protected_key, dn, profile_id FROM persistent_store", ())
     assert row is not None
     plain = private_key_to_der(vector_key("p256-4"))

@@ -51,9 +51,16 @@ def test_public_key_is_named_by_its_spec(spec_name: str) -> None:
     assert spec == KEY_SPECS[spec_name]
 
 
-@pytest.mark.parametrize(("spec_name", "hash_name"), [("p256", "sha256"), ("p384", "sha384"),
-                                                      ("rsa2048", "sha256"), ("rsa3072", "sha512"),
-                                                      ("ed25519", None)])
+@pytest.mark.parametrize(
+    ("spec_name", "hash_name"),
+    [
+        ("p256", "sha256"),
+        ("p384", "sha384"),
+        ("rsa2048", "sha256"),
+        ("rsa3072", "sha512"),
+        ("ed25519", None),
+    ],
+)
 def test_signer_signature_verifies(spec_name: str, hash_name: str | None) -> None:
     """A Signer's signature verifies under its own algorithm."""
     signer = Signer(vector_key(_VECTOR_OF[spec_name]), hash_name)

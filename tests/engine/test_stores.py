@@ -1,0 +1,53 @@
+"""SQLite stores: staged writes are readable at once and land in SQLite on flush."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from engine.errors import AuthenticationError, CertificateNotFoundError, UnknownUserError
+from engine.population import directory_entry, simulated_enrollee
+from engine.stores import Database, SqliteConfigurationDatabase, SqliteDirectory
+
+
+def test_published_certificate_is_readable_before_and_after_flush(tmp_path: Path) -> None:
+    """A certificate can be retrieved right after publishing and from the file after a flush."""
+    database = Database(tmp_path / "engine.sqlite")
+    directory = SqliteDirectory(database)
+    asyncio.run(directory.publish("CN=a", 5, b"cert"))
+    assert asyncio.run(directory.retrieve("CN=a", 5)) == b"cert"
+    database.close()
+    reopened = SqliteDirectory(Database(tmp_path / "engine.sqlite"))
+    assert asyncio.run(reopened.retrieve("CN=a", 5)) == b"cert"
+
+
+def test_missing_certificate_raises() -> None:
+    """Retrieving a certificate nobody published raises CertificateNotFoundError."""
+    directory = SqliteDirectory(Database())
+    with pytest.raises(CertificateNotFoundError):
+        asyncio.run(directory.retrieve("CN=a", 5))
+
+
+def test_flush_happens_in_batches() -> None:
+    """After many writes, rows are in SQLite even without an explicit flush."""
+    database = Database()
+    configuration = SqliteConfigurationDatabase(database)
+    for index in range(1500):
+        asyncio.run(configuration.store_key(f"d{index}", b"k"))
+    assert database.read_one("SELECT count(*) FROM device_keys", ()) == (1024,)
+    assert asyncio.run(configuration.stored_key("d1499")) == b"k"
+    assert asyncio.run(configuration.stored_key("unknown")) is None
+
+
+def test_users_round_trip_and_unknown_users_fail() -> None:
+    """Seeded users come back whole; unknown users fail lookups and binds with typed errors."""
+    directory = SqliteDirectory(Database())
+    enrollee = simulated_enrollee(3, 1)
+    directory.seed([directory_entry(enrollee, 1)])
+    assert asyncio.run(directory.lookup_user(enrollee.user.user_id)) == enrollee.user
+    with pytest.raises(UnknownUserError):
+        asyncio.run(directory.lookup_user("nobody"))
+    with pytest.raises(AuthenticationError):
+        asyncio.run(directory.verifier("nobody"))
