@@ -97,17 +97,39 @@ def read_header(data: bytes, offset: int) -> tuple[int, int, int]:
 
 def expect(data: bytes, offset: int, tag: int, limit: int) -> tuple[int, int]:
     """Read an element that must carry `tag` and end by `limit`; return (content start, end)."""
-    # Short-form lengths are inlined: most elements of a request or certificate have them.
-    if offset + 2 <= limit and data[offset] == tag and data[offset + 1] < 0x80:
-        end = offset + 2 + data[offset + 1]
+    # Lengths below 64 KiB are decoded inline: every element of a request or an end-entity
+    # certificate has one, and a call to read_header costs as much as the rest of this function.
+    if offset + 4 <= limit and data[offset] == tag:
+        first = data[offset + 1]
+        if first < 0x80:
+            start, end = offset + 2, offset + 2 + first
+        elif first == 0x81 and data[offset + 2] >= 0x80:
+            start, end = offset + 3, offset + 3 + data[offset + 2]
+        elif first == 0x82 and data[offset + 2]:
+            start = offset + 4
+            end = start + (data[offset + 2] << 8 | data[offset + 3])
+        else:
+            start = end = limit + 1
         if end <= limit:
-            return offset + 2, end
+            return start, end
     found, start, end = read_header(data, offset)
     if found != tag:
         raise MalformedDerError(f"expected tag 0x{tag:02x}, found 0x{found:02x}", offset)
     if end > limit:
         raise MalformedDerError("element runs past the end of its container", offset)
     return start, end
+
+
+def skip(data: bytes, offset: int, count: int, limit: int) -> int:
+    """Step over `count` consecutive elements; return the offset after the last."""
+    for _ in range(count):
+        if offset + 2 <= limit and data[offset + 1] < 0x80:
+            offset += 2 + data[offset + 1]
+        else:
+            _, _, offset = read_header(data, offset)
+        if offset > limit:
+            raise MalformedDerError("element runs past the end of its container", offset)
+    return offset
 
 
 def split_children(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from engine import _der
-from engine.keys import KeyFamily, Signer, hash_algorithm
+from engine.keys import KeyFamily, Signer, SubjectKey, hash_algorithm
 from engine.request import SAN_OID_DER, device_key_usage
 
 _VERSION_3 = _der.encode_tlv(0xA0, _der.encode_integer(2))  # [0] EXPLICIT Version v3(2)
@@ -26,7 +26,6 @@ _CLIENT_AUTH = _der.encode_oid("1.3.6.1.5.5.7.3.2")
 _BASIC_CONSTRAINTS = _der.encode_oid("2.5.29.19")
 _KEY_USAGE = _der.encode_oid("2.5.29.15")
 _EXT_KEY_USAGE = _der.encode_oid("2.5.29.37")
-_SUBJECT_KEY_ID = _der.encode_oid("2.5.29.14")
 _AUTHORITY_KEY_ID = _der.encode_oid("2.5.29.35")
 
 
@@ -39,6 +38,12 @@ def encode_extension(oid: bytes, value: bytes, *, critical: bool) -> bytes:
     return _der.encode_tlv(_der.SEQUENCE, oid + flag + _der.encode_tlv(_der.OCTET_STRING, value))
 
 
+# Extension { extnID subjectKeyIdentifier, extnValue OCTET STRING { KeyIdentifier (20 octets) } }
+_SKI_HEADER = encode_extension(
+    _der.encode_oid("2.5.29.14"), _der.encode_tlv(_der.OCTET_STRING, bytes(20)), critical=False
+)[:-20]
+
+
 def encode_time(epoch: int) -> bytes:
     """Encode a validity time: UTCTime through 2049, GeneralizedTime after (RFC 5280 4.1.2.5)."""
     moment = datetime.fromtimestamp(epoch, UTC)
@@ -47,18 +52,23 @@ def encode_time(epoch: int) -> bytes:
     return _der.encode_tlv(_der.GENERALIZED_TIME, moment.strftime("%Y%m%d%H%M%SZ").encode())
 
 
-def key_identifier(spki: bytes) -> bytes:
+def key_identifier(key: SubjectKey) -> bytes:
     """SHA-1 of the subjectPublicKey BIT STRING value (RFC 5280 4.2.1.2, method 1)."""
-    start, end = _der.read_whole(spki, _der.SEQUENCE)
-    _, alg_end = _der.expect(spki, start, _der.SEQUENCE, end)
-    bits_start, bits_end = _der.expect(spki, alg_end, _der.BIT_STRING, end)
-    return hashlib.sha1(spki[bits_start + 1 : bits_end], usedforsecurity=False).digest()
+    return hashlib.sha1(key.bits, usedforsecurity=False).digest()
 
 
 class CertificateTemplate:
     """The fixed parts of one issuing CA's end-entity TBSCertificate, encoded once."""
 
-    __slots__ = ("_head", "_issuer", "_signer", "_tail_extensions", "_validity", "_validity_cache")
+    __slots__ = (
+        "_algorithm",
+        "_head",
+        "_issuer",
+        "_sign",
+        "_tail_extensions",
+        "_validity",
+        "_validity_cache",
+    )
 
     def __init__(
         self,
@@ -67,7 +77,8 @@ class CertificateTemplate:
         device_family: KeyFamily,
         validity_seconds: int,
     ) -> None:
-        self._signer = signer
+        self._sign = signer.sign
+        self._algorithm = signer.algorithm.identifier
         self._issuer = issuer.subject.public_bytes()  # the issuer's subject bytes, verbatim
         self._validity = validity_seconds
         self._validity_cache: tuple[int, bytes] = (-1, b"")
@@ -87,33 +98,31 @@ class CertificateTemplate:
         self._tail_extensions = encode_extension(_AUTHORITY_KEY_ID, aki, critical=False)
 
     def issue(
-        self, serial: int, now: int, subject: bytes, spki: bytes, san_value: bytes | None
+        self, serial: int, now: int, subject: bytes, key: SubjectKey, san_value: bytes | None
     ) -> bytes:
         """Return a signed certificate in DER for one device."""
-        extensions = (
-            self._head
-            + encode_extension(
-                _SUBJECT_KEY_ID,
-                _der.encode_tlv(_der.OCTET_STRING, key_identifier(spki)),
-                critical=False,
-            )
-            + self._tail_extensions
-        )
+        # SubjectKeyIdentifier: a 20-byte digest behind a constant header (RFC 5280 4.2.1.2).
+        extensions = self._head + _SKI_HEADER + key_identifier(key) + self._tail_extensions
         if san_value is not None:
-            extensions += encode_extension(SAN_OID_DER, san_value, critical=False)
+            san = _der.encode_tlv(_der.OCTET_STRING, san_value)
+            extensions += _der.encode_tlv(_der.SEQUENCE, SAN_OID_DER + san)
         tbs = _der.encode_tlv(
             _der.SEQUENCE,
-            _VERSION_3
-            + _der.encode_integer(serial)
-            + self._signer.algorithm.identifier
-            + self._issuer
-            + self._validity_for(now)
-            + subject
-            + spki
-            + _der.encode_tlv(0xA3, _der.encode_tlv(_der.SEQUENCE, extensions)),
+            b"".join(
+                (
+                    _VERSION_3,
+                    _der.encode_integer(serial),
+                    self._algorithm,
+                    self._issuer,
+                    self._validity_for(now),
+                    subject,
+                    key.spki,
+                    _der.encode_tlv(0xA3, _der.encode_tlv(_der.SEQUENCE, extensions)),
+                )
+            ),
         )
-        signature = _der.encode_tlv(_der.BIT_STRING, b"\x00" + self._signer.sign(tbs))
-        return _der.encode_tlv(_der.SEQUENCE, tbs + self._signer.algorithm.identifier + signature)
+        signature = _der.encode_tlv(_der.BIT_STRING, b"\x00" + self._sign(tbs))
+        return _der.encode_tlv(_der.SEQUENCE, tbs + self._algorithm + signature)
 
     def _validity_for(self, now: int) -> bytes:
         """Validity ::= SEQUENCE { notBefore, notAfter }, re-encoded once per second."""
@@ -131,9 +140,8 @@ def certificate_spki(certificate: bytes) -> bytes:
     start, end = _der.read_whole(certificate, _der.SEQUENCE)
     offset, tbs_end = _der.expect(certificate, start, _der.SEQUENCE, end)
     # tbsCertificate (RFC 5280 4.1): [0] version, serial, signature, issuer, validity, subject, spki
-    skip = 6 if offset < tbs_end and certificate[offset] == 0xA0 else 5
-    for _ in range(skip):
-        _, _, offset = _der.read_header(certificate, offset)
+    count = 6 if offset < tbs_end and certificate[offset] == 0xA0 else 5
+    offset = _der.skip(certificate, offset, count, tbs_end)
     _, spki_end = _der.expect(certificate, offset, _der.SEQUENCE, tbs_end)
     return certificate[offset:spki_end]
 

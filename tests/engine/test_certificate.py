@@ -21,7 +21,7 @@ from engine.certificate import (
 )
 from engine.errors import MalformedDerError
 from engine.identity import DistinguishedName, encode_alternative_names
-from engine.keys import KeyFamily, Signer
+from engine.keys import KeyFamily, Signer, split_spki
 from engine.request import SAN_OID_DER, RequestContent, RequestTemplate, parse_request
 from engine.system import EngineConfig
 from tests.conftest import ca_material, vector_key
@@ -31,12 +31,13 @@ _TEMPLATE = CertificateTemplate(
     _CHAIN.issuing, Signer(_CHAIN.issuing_key, "sha256"), KeyFamily.EC, 86_400
 )
 _DEVICE = Signer(vector_key("p256-5"), "sha256")
+_DEVICE_KEY = split_spki(_DEVICE.spki)
 _SUBJECT = x509.Name.from_rfc4514_string("CN=device,O=Example").public_bytes()
 _NOW = 1_790_000_000
 
 
 def _issue(serial: int = 12345, now: int = _NOW, san: bytes | None = None) -> x509.Certificate:
-    der = _TEMPLATE.issue(serial, now, _SUBJECT, _DEVICE.spki, san)
+    der = _TEMPLATE.issue(serial, now, _SUBJECT, _DEVICE_KEY, san)
     return x509.load_der_x509_certificate(der)
 
 
@@ -76,7 +77,7 @@ def test_extensions_are_rfc5280_end_entity() -> None:
 
 def test_pyasn1_decodes_the_certificate() -> None:
     """pyasn1-modules rfc5280 decodes version v3, the subject and the SPKI we spliced."""
-    der = _TEMPLATE.issue(7, _NOW, _SUBJECT, _DEVICE.spki, None)
+    der = _TEMPLATE.issue(7, _NOW, _SUBJECT, _DEVICE_KEY, None)
     decoded, rest = decoder.decode(der, asn1Spec=rfc5280.Certificate())
     tbs = decoded["tbsCertificate"]
     assert rest == b"" and int(tbs["version"]) == 2
@@ -86,13 +87,13 @@ def test_pyasn1_decodes_the_certificate() -> None:
 
 def test_spki_is_sliced_from_the_certificate() -> None:
     """certificate_spki returns exactly the key the certificate was issued for."""
-    der = _TEMPLATE.issue(7, _NOW, _SUBJECT, _DEVICE.spki, None)
+    der = _TEMPLATE.issue(7, _NOW, _SUBJECT, _DEVICE_KEY, None)
     assert certificate_spki(der) == _DEVICE.spki
 
 
 def test_spki_of_garbage_is_malformed() -> None:
     """A truncated certificate raises MalformedDerError."""
-    der = _TEMPLATE.issue(7, _NOW, _SUBJECT, _DEVICE.spki, None)
+    der = _TEMPLATE.issue(7, _NOW, _SUBJECT, _DEVICE_KEY, None)
     with pytest.raises(MalformedDerError):
         certificate_spki(der[:40])
 
@@ -106,7 +107,7 @@ def test_times_switch_to_generalized_after_2049() -> None:
 def test_key_identifier_is_sha1_of_the_key_bits() -> None:
     """The SKI method 1 digest equals cryptography's."""
     expected = x509.SubjectKeyIdentifier.from_public_key(vector_key("p256-5").public_key()).digest
-    assert key_identifier(_DEVICE.spki) == expected
+    assert key_identifier(_DEVICE_KEY) == expected
 
 
 def test_builder_path_gives_the_same_certificate() -> None:
@@ -121,7 +122,7 @@ def test_builder_path_gives_the_same_certificate() -> None:
     request_der = RequestTemplate(KeyFamily.EC).build(user_signer, content)
     parsed = parse_request(request_der)
     san = parsed.extensions[SAN_OID_DER][1]
-    fast = template.issue(99, _NOW, parsed.subject, parsed.spki, san)
+    fast = template.issue(99, _NOW, parsed.subject, parsed.key, san)
     reference = build_certificate_with_builder(
         chain.issuing, signer, KeyFamily.EC, 86_400, 99, _NOW, x509.load_der_x509_csr(request_der)
     )

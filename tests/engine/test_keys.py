@@ -14,6 +14,8 @@ from engine.errors import (
 from engine.keys import (
     KEY_SPECS,
     KeyFamily,
+    KeySpec,
+    PublicKey,
     Signer,
     derive_private_key,
     encrypt_private_key,
@@ -22,6 +24,7 @@ from engine.keys import (
     load_public_key,
     private_key_to_der,
     signature_algorithm,
+    split_spki,
     verify_signature,
 )
 from tests.conftest import vector_key
@@ -36,6 +39,11 @@ _VECTOR_OF = {
 }
 
 
+def load_spki(spki: bytes) -> tuple[PublicKey, KeySpec]:
+    """Split and load, as the request parser and the CA do in turn."""
+    return load_public_key(split_spki(spki))
+
+
 def _spki(name: str) -> bytes:
     return (
         vector_key(name)
@@ -47,7 +55,7 @@ def _spki(name: str) -> bytes:
 @pytest.mark.parametrize("spec_name", list(KEY_SPECS))
 def test_public_key_is_named_by_its_spec(spec_name: str) -> None:
     """Every supported key type loads from its SPKI and is named correctly."""
-    _, spec = load_public_key(_spki(_VECTOR_OF[spec_name]))
+    _, spec = load_spki(_spki(_VECTOR_OF[spec_name]))
     assert spec == KEY_SPECS[spec_name]
 
 
@@ -64,29 +72,29 @@ def test_public_key_is_named_by_its_spec(spec_name: str) -> None:
 def test_signer_signature_verifies(spec_name: str, hash_name: str | None) -> None:
     """A Signer's signature verifies under its own algorithm."""
     signer = Signer(vector_key(_VECTOR_OF[spec_name]), hash_name)
-    key, _ = load_public_key(signer.spki)
-    verify_signature(key, signer.algorithm, signer.sign(b"data"), b"data")
+    key, spec = load_spki(signer.spki)
+    verify_signature(key, spec, signer.algorithm, signer.sign(b"data"), b"data")
 
 
 def test_tampered_signature_raises() -> None:
     """A signature over other data raises SignatureInvalidError."""
     signer = Signer(vector_key("p256-4"), "sha256")
-    key, _ = load_public_key(signer.spki)
+    key, spec = load_spki(signer.spki)
     with pytest.raises(SignatureInvalidError):
-        verify_signature(key, signer.algorithm, signer.sign(b"data"), b"other")
+        verify_signature(key, spec, signer.algorithm, signer.sign(b"data"), b"other")
 
 
 def test_algorithm_of_other_family_is_refused() -> None:
     """An RSA algorithm with an EC key is an unsupported combination, not a crash."""
-    key, _ = load_public_key(_spki("p256-4"))
+    key, spec = load_spki(_spki("p256-4"))
     with pytest.raises(UnsupportedKeyError):
-        verify_signature(key, signature_algorithm(KeyFamily.RSA, "sha256"), b"x", b"y")
+        verify_signature(key, spec, signature_algorithm(KeyFamily.RSA, "sha256"), b"x", b"y")
 
 
 def test_rsa_below_2048_is_weak() -> None:
     """RSA-1024 raises WeakKeyError with the size."""
     with pytest.raises(WeakKeyError) as info:
-        load_public_key(_spki("rsa1024-1"))
+        load_spki(_spki("rsa1024-1"))
     assert info.value.bits == 1024
 
 
@@ -94,13 +102,13 @@ def test_rsa_below_2048_is_weak() -> None:
 def test_unsupported_curves_are_refused(name: str) -> None:
     """Curves no profile can name raise UnsupportedKeyError naming the curve OID."""
     with pytest.raises(UnsupportedKeyError, match=r"1\.3\.132\.0\.(10|35)"):
-        load_public_key(_spki(name))
+        load_spki(_spki(name))
 
 
 def test_garbage_spki_is_malformed() -> None:
     """Truncated SPKI bytes raise MalformedDerError."""
     with pytest.raises(MalformedDerError):
-        load_public_key(_spki("p256-4")[:-5])
+        load_spki(_spki("p256-4")[:-5])
 
 
 def test_private_key_round_trips_as_der() -> None:

@@ -105,7 +105,7 @@ def test_parser_slices_match_pyasn1() -> None:
     parsed = parse_request(template)
     fields = _fields(template)
     assert parsed.subject == fields["subject"]
-    assert parsed.spki == fields["spki"]
+    assert parsed.key.spki == fields["spki"]
     assert parsed.algorithm.identifier == fields["algorithm"]
     assert set(parsed.extensions) == {encode_oid("2.5.29.17"), encode_oid("2.5.29.15")}
     verify_request(parsed)
