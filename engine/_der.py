@@ -99,7 +99,7 @@ def expect(data: bytes, offset: int, tag: int, limit: int) -> tuple[int, int]:
     """Read an element that must carry `tag` and end by `limit`; return (content start, end)."""
     # Lengths below 64 KiB are decoded inline: every element of a request or an end-entity
     # certificate has one, and a call to read_header costs as much as the rest of this function.
-    if offset + 4 <= limit and data[offset] == tag:
+    if offset + 4 <= limit <= len(data) and data[offset] == tag:
         first = data[offset + 1]
         if first < 0x80:
             start, end = offset + 2, offset + 2 + first
@@ -123,13 +123,24 @@ def expect(data: bytes, offset: int, tag: int, limit: int) -> tuple[int, int]:
 def skip(data: bytes, offset: int, count: int, limit: int) -> int:
     """Step over `count` consecutive elements; return the offset after the last."""
     for _ in range(count):
-        if offset + 2 <= limit and data[offset + 1] < 0x80:
-            offset += 2 + data[offset + 1]
-        else:
-            _, _, offset = read_header(data, offset)
-        if offset > limit:
+        _, _, end = read_header(data, offset)
+        if end > limit:
             raise MalformedDerError("element runs past the end of its container", offset)
+        offset = end
     return offset
+
+
+def sequence_elements(data: bytes, tag: int) -> list[bytes]:
+    """The child elements (as DER) of the one element, carrying `tag`, that fills `data`."""
+    start, end = read_whole(data, tag)
+    children = []
+    while start < end:
+        _, _, stop = read_header(data, start)
+        if stop > end:
+            raise MalformedDerError("child runs past the end of its parent", start)
+        children.append(data[start:stop])
+        start = stop
+    return children
 
 
 def split_children(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
@@ -166,3 +177,18 @@ def decode_oid(body: bytes) -> str:
             value = 0
     first = min(arcs[0] // 40, 2)
     return ".".join(str(arc) for arc in [first, arcs[0] - 40 * first, *arcs[1:]])
+
+
+# The reference implementations stay reachable for the differential tests.
+python_read_header = read_header
+python_expect = expect
+python_encode_tlv = encode_tlv
+python_skip = skip
+python_sequence_elements = sequence_elements
+
+try:  # The C versions (engine/_derc.c), when the build could compile them.
+    from engine._derc import encode_tlv, expect, read_header, sequence_elements, skip
+except ImportError:  # pragma: no cover (a build without a C compiler)
+    ACCELERATED = False
+else:
+    ACCELERATED = True

@@ -154,7 +154,7 @@ class CertificationAuthority:
         self._template = CertificateTemplate(
             chain.issuing, Signer(chain.issuing_key, hash_name), device_family, validity_seconds
         )
-        self._serials: set[int] = set()
+        self._serials: set[int] = {0}
         self.issued = 0
 
     async def process(
@@ -201,7 +201,7 @@ class CertificationAuthority:
     def issue(self, request: ParsedRequest, user: User) -> Issued:
         """Issue a certificate with a fresh, unique, positive 128-bit serial (RFC 5280 4.1.2.2)."""
         serial = int.from_bytes(os.urandom(16), "big")
-        while serial == 0 or serial in self._serials:
+        while serial in self._serials:  # holds 0 from the start: serials are positive
             serial = int.from_bytes(os.urandom(16), "big")
         self._serials.add(serial)
         san = request.extensions.get(SAN_OID_DER)

@@ -9,6 +9,7 @@ once with the CA key.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
@@ -135,8 +136,8 @@ class CertificateTemplate:
         return encoded
 
 
-def certificate_spki(certificate: bytes) -> bytes:
-    """Slice the SubjectPublicKeyInfo out of a DER certificate without a full parse."""
+def python_certificate_spki(certificate: bytes) -> bytes:
+    """Slice the SubjectPublicKeyInfo out of a DER certificate (engine/_derc.c has it in C)."""
     start, end = _der.read_whole(certificate, _der.SEQUENCE)
     offset, tbs_end = _der.expect(certificate, start, _der.SEQUENCE, end)
     # tbsCertificate (RFC 5280 4.1): [0] version, serial, signature, issuer, validity, subject, spki
@@ -185,3 +186,12 @@ def build_certificate_with_builder(
     hash_name = signer.algorithm.hash_name
     algorithm = None if hash_name is None else hash_algorithm(hash_name)
     return builder.sign(signer.key, algorithm).public_bytes(serialization.Encoding.DER)
+
+
+certificate_spki: Callable[[bytes], bytes]
+try:  # the same slice in C (engine/_derc.c), when the build compiled it
+    from engine._derc import certificate_spki as _c_certificate_spki
+except ImportError:  # pragma: no cover (a build without a C compiler)
+    certificate_spki = python_certificate_spki
+else:
+    certificate_spki = _c_certificate_spki

@@ -79,15 +79,7 @@ def encode_alternative_names(email: str, upn: str) -> bytes:
 
 def general_name_elements(value: bytes) -> list[bytes]:
     """Split a SAN extnValue (GeneralNames) into the DER of each GeneralName."""
-    start, end = _der.read_whole(value, _der.SEQUENCE)
-    elements = []
-    while start < end:
-        _, _, stop = _der.read_header(value, start)
-        if stop > end:
-            raise MalformedDerError("GeneralName runs past the end of GeneralNames", start)
-        elements.append(value[start:stop])
-        start = stop
-    return elements
+    return _der.sequence_elements(value, _der.SEQUENCE)
 
 
 def decode_alternative_names(value: bytes) -> AlternativeNames:

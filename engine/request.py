@@ -8,6 +8,7 @@ the same fields and both pass `openssl req -verify` (tests).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -142,8 +143,32 @@ class ParsedRequest(NamedTuple):
     extensions: dict[bytes, tuple[bool, bytes]]
 
 
+RequestSlices = tuple[
+    bytes, bytes, bytes, bytes, bytes, bytes, bytes, dict[bytes, tuple[bool, bytes]]
+]
+
+
 def parse_request(der: bytes) -> ParsedRequest:
     """Split a DER CertificationRequest into its parts; raise `MalformedDerError` on bad bytes."""
+    info, subject, spki, key_algorithm, key_bits, algorithm, signature, extensions = split_request(
+        der
+    )
+    return ParsedRequest(
+        info,
+        subject,
+        SubjectKey(spki, key_algorithm, key_bits),
+        algorithm_from_identifier(algorithm),
+        signature,
+        extensions,
+    )
+
+
+def python_split_request(der: bytes) -> RequestSlices:
+    """The structure walk of a request (RFC 2986 4.1, 4.2); engine/_derc.c has the same in C.
+
+    Returns the info, subject, SPKI, SPKI algorithm, key bits, signature algorithm, signature
+    and the requested extensions (OID DER -> (critical, extnValue)).
+    """
     if not isinstance(der, bytes):
         raise MalformedDerError("request is not bytes")
     start, end = _der.read_whole(der, _der.SEQUENCE)
@@ -154,21 +179,22 @@ def parse_request(der: bytes) -> ParsedRequest:
         raise MalformedDerError("trailing bytes in CertificationRequest", sig_end)
     if sig_end == sig_start or der[sig_start] != 0:
         raise MalformedDerError("signature BIT STRING has unused bits", sig_start)
-    algorithm = algorithm_from_identifier(der[info_end:alg_end])
-    # CertificationRequestInfo (RFC 2986 4.1): version v1(0), subject, subjectPKInfo, [0] attrs
+    # CertificationRequestInfo: version v1(0), subject, subjectPKInfo, [0] attributes
     subject_start = info_start + len(_VERSION_1)
-    if der[info_start:subject_start] != _VERSION_1:
+    if subject_start > info_end or der[info_start:subject_start] != _VERSION_1:
         raise MalformedDerError("request version is not v1(0)", info_start)
     _, subject_end = _der.expect(der, subject_start, _der.SEQUENCE, info_end)
     key = split_spki(der, subject_end, info_end)
     attrs_start, attrs_end = _der.expect(der, subject_end + len(key.spki), 0xA0, info_end)
     if attrs_end != info_end:
         raise MalformedDerError("trailing bytes in CertificationRequestInfo", attrs_end)
-    return ParsedRequest(
+    return (
         der[start:info_end],
         der[subject_start:subject_end],
-        key,
-        algorithm,
+        key.spki,
+        key.algorithm,
+        key.bits,
+        der[info_end:alg_end],
         der[sig_start + 1 : sig_end],
         _parse_attributes(der, attrs_start, attrs_end),
     )
@@ -203,6 +229,8 @@ def _parse_extensions(
         if content + 2 > stop or data[content] != _der.OID or data[content + 1] >= 0x80:
             raise MalformedDerError("extension has no extnID", content)
         cursor = content + 2 + data[content + 1]
+        if cursor > stop:
+            raise MalformedDerError("extnID runs past the end of its extension", content)
         oid = data[content:cursor]
         # critical BOOLEAN DEFAULT FALSE: DER writes TRUE as 0xFF, omits FALSE (X.690 11.1, 11.5)
         critical = data[cursor : cursor + 3] == _TRUE
@@ -212,7 +240,7 @@ def _parse_extensions(
         if value_end != stop:
             raise MalformedDerError("malformed or trailing bytes in extension", value_end)
         if oid in into:
-            raise MalformedDerError(f"extension {oid.hex()} appears twice", offset)
+            raise MalformedDerError("extension appears twice", offset)
         into[oid] = (critical, data[value_start:value_end])
         offset = stop
 
@@ -222,3 +250,12 @@ def verify_request(request: ParsedRequest) -> tuple[PublicKey, KeySpec]:
     key, spec = load_public_key(request.key)
     verify_signature(key, spec, request.algorithm, request.signature, request.info)
     return key, spec
+
+
+split_request: Callable[[bytes], RequestSlices]
+try:  # the same walk in C (engine/_derc.c), when the build compiled it
+    from engine._derc import parse_request as _c_split_request
+except ImportError:  # pragma: no cover (a build without a C compiler)
+    split_request = python_split_request
+else:
+    split_request = _c_split_request

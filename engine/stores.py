@@ -12,6 +12,7 @@ in WAL mode. Writes are staged and group-committed; reads see them at once.
 from __future__ import annotations
 
 import sqlite3
+from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,7 +54,7 @@ class Database:
             self._connection.execute("PRAGMA journal_mode=WAL")
             self._connection.execute("PRAGMA synchronous=NORMAL")
         self._connection.executescript(_SCHEMA)
-        self._pending: dict[str, list[tuple[Any, ...]]] = {}
+        self._pending: defaultdict[str, list[tuple[Any, ...]]] = defaultdict(list)
         self._count = 0
         self.staged: dict[tuple[Any, ...], Any] = {}
 
@@ -65,10 +66,7 @@ class Database:
         value: Any = None,
     ) -> None:
         """Stage one write; `key` makes `value` readable from `staged` until the flush."""
-        rows = self._pending.get(sql)
-        if rows is None:
-            rows = self._pending[sql] = []
-        rows.append(params)
+        self._pending[sql].append(params)
         if key is not None:
             self.staged[key] = value
         self._count += 1

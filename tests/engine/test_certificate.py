@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -18,6 +19,7 @@ from engine.certificate import (
     certificate_spki,
     encode_time,
     key_identifier,
+    python_certificate_spki,
 )
 from engine.errors import MalformedDerError
 from engine.identity import DistinguishedName, encode_alternative_names
@@ -127,3 +129,27 @@ def test_builder_path_gives_the_same_certificate() -> None:
         chain.issuing, signer, KeyFamily.EC, 86_400, 99, _NOW, x509.load_der_x509_csr(request_der)
     )
     assert fast == reference
+
+
+def _kind(call: Callable[[], bytes]) -> object:
+    try:
+        return call()
+    except MalformedDerError:
+        return "MalformedDerError"
+
+
+@pytest.mark.skipif(certificate_spki is python_certificate_spki, reason="C slice not built")
+@given(st.data())
+def test_c_and_python_spki_slices_agree(data: st.DataObject) -> None:
+    """On mutated and truncated certificates, the C and Python SPKI slices agree."""
+    der = bytearray(_FIXED_CERTIFICATE)
+    for _ in range(data.draw(st.integers(min_value=0, max_value=3))):
+        index = data.draw(st.integers(min_value=0, max_value=len(der) - 1))
+        der[index] = data.draw(st.integers(min_value=0, max_value=255))
+    mutated = bytes(der[: data.draw(st.integers(min_value=0, max_value=len(der)))])
+    assert _kind(lambda: certificate_spki(mutated)) == _kind(
+        lambda: python_certificate_spki(mutated)
+    )
+
+
+_FIXED_CERTIFICATE = _TEMPLATE.issue(7, _NOW, _SUBJECT, _DEVICE_KEY, None)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -66,3 +69,72 @@ def test_wrong_tag_is_named() -> None:
     """`expect` names the tag it wanted and the one it found."""
     with pytest.raises(MalformedDerError, match="expected tag 0x30, found 0x31"):
         _der.expect(b"\x31\x00", 0, 0x30, 2)
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    """A call's result, or its MalformedDerError's message: what the two versions must share."""
+    try:
+        return call()
+    except MalformedDerError as exc:
+        return ("MalformedDerError", str(exc))
+
+
+needs_c = pytest.mark.skipif(
+    not _der.ACCELERATED and not os.environ.get("CI"), reason="C primitives not built"
+)
+
+
+def test_c_primitives_are_built_in_ci() -> None:
+    """CI builds the C primitives; a silent fallback to Python would change every figure."""
+    if os.environ.get("CI"):
+        assert _der.ACCELERATED
+
+
+_DER_SOUP = st.lists(
+    st.sampled_from([b"\x30", b"\x02", b"\x81", b"\x82", b"\x80", b"\x00", b"\x7f", b"\x01\x00"])
+    | st.binary(max_size=3),
+    max_size=40,
+).map(b"".join)
+
+
+@needs_c
+@given(
+    _DER_SOUP,
+    st.integers(min_value=0, max_value=50),
+    st.sampled_from([0x30, 0x02, 0x81]),
+    st.integers(min_value=0, max_value=60),
+)
+def test_c_and_python_headers_agree(data: bytes, offset: int, tag: int, limit: int) -> None:
+    """read_header and expect give the same bounds, or the same error, in C and in Python."""
+    assert _outcome(lambda: _der.read_header(data, offset)) == _outcome(
+        lambda: _der.python_read_header(data, offset)
+    )
+    assert _outcome(lambda: _der.expect(data, offset, tag, limit)) == _outcome(
+        lambda: _der.python_expect(data, offset, tag, limit)
+    )
+
+
+@needs_c
+@given(_DER_SOUP, st.integers(min_value=0, max_value=20), st.integers(min_value=0, max_value=6))
+def test_c_and_python_skip_agree(data: bytes, offset: int, count: int) -> None:
+    """skip lands on the same offset, or fails alike, in C and in Python."""
+    limit = len(data)
+    assert _outcome(lambda: _der.skip(data, offset, count, limit)) == _outcome(
+        lambda: _der.python_skip(data, offset, count, limit)
+    )
+
+
+@needs_c
+@given(st.integers(min_value=0, max_value=255), st.binary(max_size=70_000))
+def test_c_and_python_encoders_agree(tag: int, content: bytes) -> None:
+    """encode_tlv writes the same bytes in C and in Python."""
+    assert _der.encode_tlv(tag, content) == _der.python_encode_tlv(tag, content)
+
+
+@needs_c
+@given(_DER_SOUP, st.sampled_from([0x30, 0x31]))
+def test_c_and_python_sequence_elements_agree(data: bytes, tag: int) -> None:
+    """sequence_elements splits alike, or fails alike, in C and in Python."""
+    assert _outcome(lambda: _der.sequence_elements(data, tag)) == _outcome(
+        lambda: _der.python_sequence_elements(data, tag)
+    )

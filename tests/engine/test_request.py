@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from pyasn1.codec.der import decoder, encoder
 from pyasn1_modules import rfc2986, rfc5280
 
-from engine._der import encode_oid
+from engine._der import encode_oid, encode_tlv
 from engine.errors import EnrollmentError, MalformedDerError, SignatureInvalidError
 from engine.identity import DistinguishedName
 from engine.keys import Signer
@@ -23,6 +24,9 @@ from engine.request import (
     RequestTemplate,
     build_request_with_builder,
     parse_request,
+    python_split_request,
+    sign_request_info,
+    split_request,
     verify_request,
 )
 from tests.conftest import require_tool, vector_key
@@ -157,3 +161,51 @@ def test_garbage_raises_only_typed_errors(garbage: bytes) -> None:
     """Arbitrary bytes never escape as anything but an EnrollmentError."""
     with contextlib.suppress(EnrollmentError):
         parse_request(garbage)
+
+
+def _split_outcome(split: Callable[[bytes], object], der: bytes) -> object:
+    try:
+        return split(der)
+    except MalformedDerError:
+        return "MalformedDerError"
+
+
+@pytest.mark.skipif(split_request is python_split_request, reason="C walk not built")
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_c_and_python_request_walks_agree(data: st.DataObject) -> None:
+    """On mutated and truncated requests, the C walk and the Python walk agree exactly."""
+    der = bytearray(_FIXED_REQUEST)
+    for _ in range(data.draw(st.integers(min_value=0, max_value=4))):
+        index = data.draw(st.integers(min_value=0, max_value=len(der) - 1))
+        der[index] = data.draw(st.integers(min_value=0, max_value=255))
+    cut = data.draw(st.integers(min_value=0, max_value=len(der)))
+    mutated = bytes(der[:cut] if data.draw(st.booleans()) else der)
+    assert _split_outcome(split_request, mutated) == _split_outcome(python_split_request, mutated)
+
+
+def test_duplicate_extensions_are_refused() -> None:
+    """A request asking for the same extension twice is malformed (RFC 5280 4.2)."""
+    signer = Signer(vector_key("ed25519-1"), None)
+    extension = _der_extension()
+    info = encode_tlv(
+        0x30,
+        b"\x02\x01\x00"
+        + CONTENT.subject.der
+        + signer.spki
+        + encode_tlv(
+            0xA0,
+            encode_tlv(
+                0x30,
+                encode_oid(EXTENSION_REQUEST_OID)
+                + encode_tlv(0x31, encode_tlv(0x30, extension + extension)),
+            ),
+        ),
+    )
+    with pytest.raises(MalformedDerError, match="twice"):
+        parse_request(sign_request_info(signer, info))
+
+
+def _der_extension() -> bytes:
+    value = encode_tlv(0x04, b"\x03\x02\x07\x80")
+    return encode_tlv(0x30, encode_oid("2.5.29.15") + value)

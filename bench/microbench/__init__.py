@@ -1,0 +1,1 @@
+"""Micro-benchmarks of the engine: a pytest-benchmark suite and an interleaved ratio report."""
