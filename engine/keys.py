@@ -59,6 +59,7 @@ KEY_SPECS: dict[str, KeySpec] = {
     )
 }
 
+_RSA_SPECS = {spec.bits: spec for spec in KEY_SPECS.values() if spec.family is KeyFamily.RSA}
 _CURVES: dict[int, ec.EllipticCurve] = {256: ec.SECP256R1(), 384: ec.SECP384R1()}
 SignatureHash = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
 _HASHES: dict[str, Callable[[], SignatureHash]] = {
@@ -216,7 +217,8 @@ def load_public_key(subject_key: SubjectKey) -> tuple[PublicKey, KeySpec]:
     bits = rsa_key.key_size
     if bits < MINIMUM_RSA_BITS:
         raise WeakKeyError(bits, MINIMUM_RSA_BITS)
-    return rsa_key, KEY_SPECS.get(f"rsa{bits}", KeySpec(f"rsa{bits}", KeyFamily.RSA, bits))
+    spec = _RSA_SPECS.get(bits)
+    return rsa_key, KeySpec(f"rsa{bits}", KeyFamily.RSA, bits) if spec is None else spec
 
 
 def verify_signature(
