@@ -180,14 +180,11 @@ def decode_oid(body: bytes) -> str:
 
 
 # The reference implementations stay reachable for the differential tests.
-python_read_header = read_header
-python_expect = expect
 python_encode_tlv = encode_tlv
-python_skip = skip
 python_sequence_elements = sequence_elements
 
 try:  # The C versions (engine/_derc.c), when the build could compile them.
-    from engine._derc import encode_tlv, expect, read_header, sequence_elements, skip
+    from engine._derc import encode_tlv, sequence_elements
 except ImportError:  # pragma: no cover (a build without a C compiler)
     ACCELERATED = False
 else:

@@ -1,8 +1,8 @@
 /*
- * C versions of the DER work on the hot path: the primitives read_header, expect, skip and
- * encode_tlv (X.690 8.1: identifier, definite length, contents), and the walk over a PKCS #10
- * request (RFC 2986). They are drop-in replacements for pure-Python code in engine/_der.py and
- * engine/request.py, which stays the reference: the tests check that both give the same
+ * C versions of the DER work on the hot path: TLV encoding (X.690 8.1: identifier, definite
+ * length, contents), the walk over a PKCS #10 request (RFC 2986), the children of a SEQUENCE,
+ * and the SubjectPublicKeyInfo slice of a certificate (RFC 5280 4.1). They are drop-in replacements for pure-Python code in engine/_der.py and
+ * engine/request.py and engine/certificate.py, which stay the reference: the tests check that both give the same
  * answers, and fail alike, on random and mutated input. On this machine's CPython a bytecode
  * costs ~100 machine instructions; these walks take a few hundred bytecodes each in Python.
  *
@@ -71,66 +71,6 @@ decode_header(const unsigned char *data, Py_ssize_t size, Py_ssize_t offset,
     *start = position;
     *end = position + length;
     return 0;
-}
-
-static PyObject *
-read_header(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "read_header(data, offset)");
-        return NULL;
-    }
-    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
-    if (offset == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        return NULL;
-    }
-    int tag;
-    Py_ssize_t start, end;
-    int failed = decode_header(view.buf, view.len, offset, &tag, &start, &end);
-    PyBuffer_Release(&view);
-    if (failed) {
-        return NULL;
-    }
-    return Py_BuildValue("inn", tag, start, end);
-}
-
-static PyObject *
-expect(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "expect(data, offset, tag, limit)");
-        return NULL;
-    }
-    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
-    long wanted = PyLong_AsLong(args[2]);
-    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        return NULL;
-    }
-    int tag;
-    Py_ssize_t start, end;
-    int failed = decode_header(view.buf, view.len, offset, &tag, &start, &end);
-    PyBuffer_Release(&view);
-    if (failed) {
-        return NULL;
-    }
-    if (tag != wanted) {
-        char message[64];
-        snprintf(message, sizeof message, "expected tag 0x%02lx, found 0x%02x", wanted, tag);
-        return raise_malformed(message, offset);
-    }
-    if (end > limit) {
-        return raise_malformed("element runs past the end of its container", offset);
-    }
-    return Py_BuildValue("nn", start, end);
 }
 
 static PyObject *
@@ -383,41 +323,6 @@ parse_request(PyObject *module, PyObject *der)
     return result;
 }
 
-/* skip(data, offset, count, limit) -> offset after `count` consecutive elements. */
-static PyObject *
-skip(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer view;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "skip(data, offset, count, limit)");
-        return NULL;
-    }
-    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t count = PyLong_AsSsize_t(args[2]);
-    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        int tag;
-        Py_ssize_t start, end;
-        if (decode_header(view.buf, view.len, offset, &tag, &start, &end) < 0) {
-            PyBuffer_Release(&view);
-            return NULL;
-        }
-        if (end > limit) {
-            PyBuffer_Release(&view);
-            return raise_malformed("element runs past the end of its container", offset);
-        }
-        offset = end;
-    }
-    PyBuffer_Release(&view);
-    return PyLong_FromSsize_t(offset);
-}
-
 /* sequence_elements(data, tag) -> [bytes]: the child elements of the one element, carrying
  * `tag`, that fills `data` exactly. */
 static PyObject *
@@ -511,14 +416,8 @@ certificate_spki(PyObject *module, PyObject *der)
 }
 
 static PyMethodDef methods[] = {
-    {"read_header", (PyCFunction)(void (*)(void))read_header, METH_FASTCALL,
-     "read_header(data, offset) -> (tag, content start, content end)"},
-    {"expect", (PyCFunction)(void (*)(void))expect, METH_FASTCALL,
-     "expect(data, offset, tag, limit) -> (content start, content end)"},
     {"encode_tlv", (PyCFunction)(void (*)(void))encode_tlv, METH_FASTCALL,
      "encode_tlv(tag, content) -> bytes"},
-    {"skip", (PyCFunction)(void (*)(void))skip, METH_FASTCALL,
-     "skip(data, offset, count, limit) -> offset after count elements"},
     {"sequence_elements", (PyCFunction)(void (*)(void))sequence_elements, METH_FASTCALL,
      "sequence_elements(data, tag) -> the child elements of the element filling data"},
     {"certificate_spki", (PyCFunction)certificate_spki, METH_O,

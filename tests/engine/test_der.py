@@ -98,33 +98,6 @@ _DER_SOUP = st.lists(
 
 
 @needs_c
-@given(
-    _DER_SOUP,
-    st.integers(min_value=0, max_value=50),
-    st.sampled_from([0x30, 0x02, 0x81]),
-    st.integers(min_value=0, max_value=60),
-)
-def test_c_and_python_headers_agree(data: bytes, offset: int, tag: int, limit: int) -> None:
-    """read_header and expect give the same bounds, or the same error, in C and in Python."""
-    assert _outcome(lambda: _der.read_header(data, offset)) == _outcome(
-        lambda: _der.python_read_header(data, offset)
-    )
-    assert _outcome(lambda: _der.expect(data, offset, tag, limit)) == _outcome(
-        lambda: _der.python_expect(data, offset, tag, limit)
-    )
-
-
-@needs_c
-@given(_DER_SOUP, st.integers(min_value=0, max_value=20), st.integers(min_value=0, max_value=6))
-def test_c_and_python_skip_agree(data: bytes, offset: int, count: int) -> None:
-    """skip lands on the same offset, or fails alike, in C and in Python."""
-    limit = len(data)
-    assert _outcome(lambda: _der.skip(data, offset, count, limit)) == _outcome(
-        lambda: _der.python_skip(data, offset, count, limit)
-    )
-
-
-@needs_c
 @given(st.integers(min_value=0, max_value=255), st.binary(max_size=70_000))
 def test_c_and_python_encoders_agree(tag: int, content: bytes) -> None:
     """encode_tlv writes the same bytes in C and in Python."""
