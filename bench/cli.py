@@ -1,58 +1,164 @@
-"""The `enrollbench` command line."""
+"""enrollbench: benchmark certificate enrollment.
+
+Exit codes: 0 success; 1 the run finished but something is wrong with it (devices not issued
+where all should be, unaccounted devices); 2 usage or input error (a one-line message).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-import time
-from collections import Counter
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
-from bench.corpus import load_keys
-from engine.keys import key_spec, load_private_key
-from engine.population import device_identity, directory_entry, simulated_enrollee
-from engine.system import CAMaterial, EngineConfig, EnrollmentSystem
+from bench import capacity
+from bench.errors import AccountingError, BenchError, UsageError
+from bench.profile import load_profile
+from bench.progress import LiveProgress, print_summary
+from bench.results import build_result, check_accounting, check_writable, write_result
+from bench.runner import RunOptions, execute, resolve_workers, write_artifacts
 
 
-def _enroll(args: argparse.Namespace) -> int:
-    """Enroll a batch of simulated devices through the engine, in this process."""
-    config = EngineConfig(device_key=args.key, ca_key=args.key, hash_name="sha256")
-    ca_keys = [load_private_key(der) for der in load_keys(args.key, -1, 2)]
-    material = CAMaterial.create(config, ca_keys)
-    enrollees = [simulated_enrollee(i, args.seed) for i in range(args.devices)]
-    device_keys = load_keys(args.key, args.seed, args.devices) if args.corpus else None
-    system = EnrollmentSystem(config, material, [directory_entry(e, args.seed) for e in enrollees])
-    identities = [
-        device_identity(e, config.profile_id, None if device_keys is None else device_keys[i])
-        for i, e in enumerate(enrollees)
-    ]
-
-    async def batch() -> Counter[str]:
-        outcomes = await asyncio.gather(*(system.enroll(i) for i in identities))
-        return Counter(o.status.value for o in outcomes)
-
-    started = time.perf_counter()
-    counts = asyncio.run(batch())
-    elapsed = time.perf_counter() - started
-    system.close()
-    print(
-        f"{args.devices} devices ({args.key}, keys {'from corpus' if args.corpus else 'live'}): "
-        f"{dict(counts)} in {elapsed:.2f} s, {args.devices / elapsed:,.0f} enrollments/s"
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("profile", help="a shipped profile name (see profiles/) or a .toml path")
+    parser.add_argument("--devices", type=int, help="devices to enroll")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, help="closed loop: devices in flight")
+    load.add_argument("--rate", type=float, help="open loop: arrivals per second")
+    parser.add_argument("--duration", type=float, help="run for this many seconds")
+    parser.add_argument("--workers", type=int, help="shard processes (default: one per core)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--out", type=Path, help="result file (default results/<profile>-<time>.json)"
     )
-    return 0 if counts.get("issued", 0) == args.devices else 1
+    parser.add_argument("--quiet", action="store_true", help="no live progress; one summary line")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a profile key"
+    )
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """Flags become `--set` overrides, so they pass the same validation as the profile."""
+    overrides = list(args.set)
+    if args.devices is not None:
+        overrides.append(f"load.devices={args.devices}")
+    if args.concurrency is not None:
+        overrides += ["load.mode='closed'", f"load.concurrency={args.concurrency}"]
+    if args.rate is not None:
+        overrides += ["load.mode='open'", f"load.rate={args.rate}"]
+    if args.duration is not None:
+        overrides.append(f"load.duration={args.duration}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    return overrides
+
+
+def _default_out(profile_name: str, kind: str = "") -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return Path("results") / f"{profile_name}{kind}-{stamp}.json"
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.artifacts_sample < 0:
+        raise UsageError("--artifacts-sample must be 0 (all) or more")
+    profile = load_profile(args.profile, _overrides(args))
+    out = args.out or _default_out(profile.name)
+    if args.out is None:
+        out.parent.mkdir(exist_ok=True)
+    check_writable(out)
+    workers = resolve_workers(profile, args.workers)
+    sample = args.artifacts_sample or int(profile.get("load", "devices"))
+    options = RunOptions(workers, args.artifacts, sample if args.artifacts else 0)
+    display = LiveProgress(profile, enabled=not args.quiet)
+    with display:
+        output = execute(profile, workers, options, display.update)
+    result = build_result(
+        profile, workers, output.shards, output.died, output.timings, output.interrupted
+    )
+    write_result(out, result)
+    if args.artifacts:
+        written = write_artifacts(args.artifacts, output.material, output.shards)
+        result_note = f"{written} certificates and the chain in {args.artifacts}"
+    else:
+        result_note = ""
+    print_summary(result, out, quiet=args.quiet, note=result_note)
+    check_accounting(result)
+    return 130 if output.interrupted else 0
+
+
+def _capacity(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile, list(args.set))
+    out = args.out or _default_out(profile.name, "-capacity")
+    if args.out is None:
+        out.parent.mkdir(exist_ok=True)
+    check_writable(out)
+    slo = capacity.parse_slo(args.slo)
+    workers = resolve_workers(profile, args.workers)
+    result = capacity.search(
+        profile,
+        slo,
+        workers,
+        args.step_seconds,
+        args.low,
+        args.high,
+        args.iterations,
+        quiet=args.quiet,
+    )
+    write_result(out, result)
+    capacity.print_curve(result, out)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit code 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="enrollbench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser("run", help="push simulated devices through the engine")
+    _add_run_arguments(run)
+    run.add_argument("--artifacts", type=Path, help="write the CA chain and certificates here")
+    run.add_argument(
+        "--artifacts-sample", type=int, default=0, help="certificates to write (0: all)"
+    )
+    cap = commands.add_parser("capacity", help="highest open-loop rate that meets an SLO")
+    cap.add_argument("profile")
+    cap.add_argument("--slo", required=True, help="e.g. p99=200ms (p50, p90, p99, p99.9)")
+    cap.add_argument("--low", type=float, default=50.0, help="lowest rate to try (/s)")
+    cap.add_argument("--high", type=float, default=20000.0, help="highest rate to try (/s)")
+    cap.add_argument("--iterations", type=int, default=7, help="bisection steps")
+    cap.add_argument("--step-seconds", type=float, default=4.0, help="length of each trial run")
+    cap.add_argument("--workers", type=int)
+    cap.add_argument("--out", type=Path)
+    cap.add_argument("--quiet", action="store_true")
+    cap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="enrollbench", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    enroll = commands.add_parser("enroll", help="enroll a batch of devices through the engine")
-    enroll.add_argument("--devices", type=int, default=2000)
-    enroll.add_argument("--key", default="p256", type=lambda name: key_spec(name).name)
-    enroll.add_argument("--seed", type=int, default=1)
-    enroll.add_argument("--corpus", action="store_true", help="take device keys from the corpus")
+    parser = _parser()
     args = parser.parse_args(argv)
-    return _enroll(args)
+    handlers: dict[str, Any] = {"run": _run, "capacity": _capacity}
+    try:
+        code: int = handlers[args.command](args)
+    except AccountingError as exc:
+        print(f"enrollbench: error: {exc}", file=sys.stderr)
+        return 1
+    except BenchError as exc:
+        print(f"enrollbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("enrollbench: interrupted", file=sys.stderr)
+        return 130
+    return code
 
 
 if __name__ == "__main__":

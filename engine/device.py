@@ -25,16 +25,19 @@ RequestPath = Literal["template", "builder"]
 class DeviceIdentity:
     """One simulated device: who enrolls it, under which CA profile, and any precomputed crypto.
 
-    `key_der` (PKCS #8) replaces live key generation; `request_der` replaces building the
-    request. Both come from a seeded corpus built before the clock starts.
+    `secret` protects the stored key pair (step 5). `key_der` (PKCS #8) replaces live key
+    generation, `request_der` building the request, `protected_key` encrypting the key pair:
+    all three come from a seeded corpus built before the clock starts.
     """
 
     device_id: str
     user_id: str
     password: str = field(repr=False)
     profile_id: str
+    secret: bytes = field(repr=False)
     key_der: bytes | None = field(default=None, repr=False)
     request_der: bytes | None = None
+    protected_key: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +56,6 @@ class Device:
     __slots__ = (
         "_protected_key",
         "_request_template",
-        "_secret",
         "_signer",
         "_stores",
         "chain",
@@ -69,31 +71,38 @@ class Device:
         template: RequestTemplate,
         persistent: PersistentStore,
         key_store: KeyStore,
-        secret: bytes,
     ) -> None:
         self.identity = identity
         self.profile = profile
         self._request_template = template
         self._stores = (persistent, key_store)
-        self._secret = secret
         self._signer: Signer | None = None
         self._protected_key = b""
         self.chain = b""
         self.statuses: list[str] = []
 
     def generate_key(self) -> None:
-        """Step 1: a fresh key pair, or the corpus key for this device."""
-        der = self.identity.key_der
-        key = generate_private_key(self.profile.key) if der is None else load_private_key(der)
-        self._signer = Signer(key, self.profile.hash_name)
+        """Step 1: a fresh key pair, or the corpus key for this device.
+
+        A fully precomputed device (request and protected key from the corpus) never needs its
+        key loaded: nothing in the flow would use it.
+        """
+        identity = self.identity
+        if identity.key_der is None:
+            self._signer = Signer(generate_private_key(self.profile.key), self.profile.hash_name)
+        elif identity.request_der is None or identity.protected_key is None:
+            self._signer = Signer(load_private_key(identity.key_der), self.profile.hash_name)
 
     async def store_key_pair(self, user: User) -> None:
         """Step 5: protect the key pair and store it with the DN and CA profile ID."""
-        key = self._require_signer().key
-        if self.profile.key_protection == "none":
-            self._protected_key = private_key_to_der(key)
+        if self.identity.protected_key is not None:
+            self._protected_key = self.identity.protected_key
+        elif self.profile.key_protection == "none":
+            self._protected_key = private_key_to_der(self._require_signer().key)
         else:
-            self._protected_key = encrypt_private_key(key, self._secret)
+            self._protected_key = encrypt_private_key(
+                self._require_signer().key, self.identity.secret
+            )
         await self._stores[0].save(
             self.identity.device_id, self._protected_key, user.dn.text, self.identity.profile_id
         )
@@ -116,10 +125,6 @@ class Device:
         await self._stores[1].install(
             self.identity.device_id, certificate, self._protected_key, self.chain
         )
-
-    @property
-    def spki(self) -> bytes:
-        return self._require_signer().spki
 
     def _require_signer(self) -> Signer:
         if self._signer is None:

@@ -23,6 +23,7 @@ class Enrollee:
 
     user: User
     password: str = field(repr=False)
+    device_secret: bytes = field(repr=False)
 
 
 def _derive(seed: int, label: str) -> bytes:
@@ -34,7 +35,8 @@ def simulated_enrollee(index: int, seed: int) -> Enrollee:
     user_id = f"user{index:07d}"
     dn = DistinguishedName.from_text(f"CN={user_id},OU=Devices,O=Example Corp,DC=example,DC=com")
     user = User(user_id, dn, f"{user_id}@{DOMAIN}", f"{user_id}@corp.{DOMAIN}")
-    return Enrollee(user, _derive(seed, f"password/{user_id}").hex())
+    password = _derive(seed, f"password/{user_id}").hex()
+    return Enrollee(user, password, _derive(seed, f"device-secret/{user_id}"))
 
 
 def directory_entry(
@@ -50,6 +52,7 @@ def device_identity(
     profile_id: str,
     key_der: bytes | None = None,
     request_der: bytes | None = None,
+    protected_key: bytes | None = None,
 ) -> DeviceIdentity:
     """The device of a user (one device per user), with any precomputed crypto."""
     return DeviceIdentity(
@@ -57,6 +60,8 @@ def device_identity(
         user_id=enrollee.user.user_id,
         password=enrollee.password,
         profile_id=profile_id,
+        secret=enrollee.device_secret,
         key_der=key_der,
         request_der=request_der,
+        protected_key=protected_key,
     )

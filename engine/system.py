@@ -8,9 +8,6 @@ wires the actors together and runs enrollments.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import os
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -148,18 +145,11 @@ class EnrollmentSystem:
         )
         self._template = RequestTemplate(spec.family)
         self._link_delay = config.link_latency.sampler(random.Random(rng.random()))
-        self._device_secret = os.urandom(32)
 
     def device(self, identity: DeviceIdentity) -> Device:
-        """A device for one enrollment, with its own key-protection secret."""
-        secret = hmac.new(self._device_secret, identity.device_id.encode(), hashlib.sha256)
+        """A device for one enrollment."""
         return Device(
-            identity,
-            self._device_profile,
-            self._template,
-            self.device_stores,
-            self.device_stores,
-            secret.digest(),
+            identity, self._device_profile, self._template, self.device_stores, self.device_stores
         )
 
     async def _link(self) -> None:

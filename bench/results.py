@@ -1,0 +1,281 @@
+"""Result files: building, writing atomically, reading with a schema check (results/README.md).
+
+A result holds the manifest (what ran, where, with which versions), the outcomes, throughput and
+its per-second series, latency summaries per step and end to end with their encoded histograms
+(so results merge and recompute later), and the generator's self-check. Nothing in it names the
+host, and no key or secret is ever written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import cryptography
+from cryptography.hazmat.backends.openssl.backend import backend as openssl_backend
+
+from bench.errors import AccountingError, ResultError
+from bench.histogram import Histogram, merged
+from bench.profile import Profile
+from bench.shard import STEPS, ShardResult
+from engine import _der
+
+SCHEMA_VERSION = 1
+GENERATOR_CPU_LIMIT = 0.10  # above this share, the generator may be what limits the run
+LAG_LIMIT_US = 10_000  # open loop: p99 schedule lag above 10 ms means the schedule slipped
+RATE_SHORTFALL = 0.95  # open loop: starting under 95% of the target rate means the same
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str | None:
+    source = Path(__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(  # noqa: S603 (fixed arguments, no user input)
+            ["git", "-C", str(source), "rev-parse", "HEAD"],  # noqa: S607 (git from PATH)
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _version() -> str:
+    try:
+        return metadata.version("enrollbench")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def manifest(profile: Profile, workers: int, seed: int) -> dict[str, Any]:
+    """What ran and on what: enough to tell whether two results may be compared."""
+    return {
+        "profile": profile.name,
+        "profile_as_run": profile.as_dict(),
+        "profile_sha256": profile.digest(),
+        "seed": seed,
+        "enrollbench_version": _version(),
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "cryptography": cryptography.__version__,
+        "openssl": openssl_backend.openssl_version_text(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "workers": workers,
+        "device_crypto": profile.get("device", "crypto"),
+        "der_accelerated": _der.ACCELERATED,
+    }
+
+
+def _merge_counts(series: Sequence[Sequence[int]]) -> list[int]:
+    length = max((len(s) for s in series), default=0)
+    return [sum(s[i] for s in series if i < len(s)) for i in range(length)]
+
+
+def _outcome_block(outcomes: Mapping[str, int], started: int) -> dict[str, Any]:
+    rejected: dict[str, int] = {}
+    failed: dict[str, int] = {}
+    for key, count in outcomes.items():
+        status, _, detail = key.partition(":")
+        if status == "rejected":
+            rejected[detail] = rejected.get(detail, 0) + count
+        elif status == "failed":
+            failed[detail] = failed.get(detail, 0) + count
+    issued = outcomes.get("issued", 0)
+    total = issued + sum(rejected.values()) + sum(failed.values())
+    return {
+        "started": started,
+        "issued": issued,
+        "rejected": dict(sorted(rejected.items())),
+        "failed": dict(sorted(failed.items())),
+        "accounted": total == started,
+    }
+
+
+def merge_shards(shards: Sequence[ShardResult]) -> dict[str, Histogram]:
+    names = sorted({name for shard in shards for name in shard.histograms})
+    return {
+        name: merged(Histogram.decode(s.histograms[name]) for s in shards if name in s.histograms)
+        for name in names
+    }
+
+
+def build_result(
+    profile: Profile,
+    workers: int,
+    shards: Sequence[ShardResult],
+    died: Mapping[int, int],
+    timings: Mapping[str, float],
+    interrupted: bool,
+) -> dict[str, Any]:
+    """Merge shard results into one result document."""
+    outcomes: dict[str, int] = {}
+    for shard in shards:
+        for key, count in shard.outcomes.items():
+            outcomes[key] = outcomes.get(key, 0) + count
+    if died:
+        outcomes["failed:WorkerDied"] = outcomes.get("failed:WorkerDied", 0) + sum(died.values())
+    started = sum(s.started for s in shards) + sum(died.values())
+    histograms = merge_shards(shards)
+    window = _window(shards)
+    completed = _merge_counts([s.completed_per_second for s in shards])
+    issued = _merge_counts([s.issued_per_second for s in shards])
+    measured_enrollments = sum(s.measured for s in shards)
+    issued_measured = histograms.get("end_to_end.latency", Histogram()).count
+    generator = _generator_block(profile, shards, histograms, window)
+    steps = {
+        step.label: histograms[f"step.{step.label}"].summary().as_dict()
+        for step in STEPS
+        if f"step.{step.label}" in histograms
+    }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "run",
+        "interrupted": interrupted,
+        "manifest": manifest(profile, workers, profile.get("", "seed")),
+        "timing": {**{k: round(v, 3) for k, v in timings.items()}, "window_s": round(window, 3)},
+        "outcomes": _outcome_block(outcomes, started),
+        "workers_died": {str(k): v for k, v in died.items()},
+        "throughput": {
+            "enrollments_per_s": round(measured_enrollments / window, 2) if window else 0.0,
+            "issued_per_s": round(issued_measured / window, 2) if window else 0.0,
+            "series": {
+                "second": list(range(max(len(completed), len(issued)))),
+                "completed": completed,
+                "issued": issued,
+                "approvals_pending": _merge_counts([s.approvals_pending for s in shards]),
+            },
+        },
+        "latency": {
+            "end_to_end": {
+                "latency": _summary(histograms, "end_to_end.latency"),
+                "service": _summary(histograms, "end_to_end.service"),
+            },
+            "steps": steps,
+        },
+        "cache": {
+            key: sum(s.cache.get(key, 0) for s in shards)
+            for key in ("hits", "misses", "fetches", "joined")
+        },
+        "generator": generator,
+        "histograms": {name: h.encode() for name, h in histograms.items()},
+    }
+
+
+def _summary(histograms: Mapping[str, Histogram], name: str) -> dict[str, float | int]:
+    return histograms.get(name, Histogram()).summary().as_dict()
+
+
+def _window(shards: Sequence[ShardResult]) -> float:
+    """Seconds from the end of warm-up to the last completion, over all shards."""
+    if not shards:
+        return 0.0
+    begin = min(s.window_ns[0] for s in shards)
+    end = max(s.window_ns[1] for s in shards)
+    return max(0.0, (end - begin) / 1e9)
+
+
+def _generator_block(
+    profile: Profile,
+    shards: Sequence[ShardResult],
+    histograms: Mapping[str, Histogram],
+    window: float,
+) -> dict[str, Any]:
+    cpu = sum(s.process_cpu_s for s in shards)
+    generator_cpu = sum(s.generator_cpu_s for s in shards)
+    share = generator_cpu / cpu if cpu else 0.0
+    lag = histograms.get("schedule_lag", Histogram()).summary()
+    reasons = []
+    if share > GENERATOR_CPU_LIMIT:
+        reasons.append(f"generator used {share:.0%} of the CPU (limit {GENERATOR_CPU_LIMIT:.0%})")
+    if profile.get("load", "mode") == "open" and window > 0:
+        target = float(profile.get("load", "rate"))
+        achieved = sum(s.offered for s in shards) / max(window, 1e-9)
+        if lag.p99 > LAG_LIMIT_US:
+            reasons.append(f"p99 schedule lag {lag.p99 / 1000:.1f} ms (limit 10 ms)")
+        if profile.get("load", "ramp_seconds") == 0 and achieved < RATE_SHORTFALL * target:
+            reasons.append(f"started {achieved:.0f}/s of the {target:.0f}/s asked")
+    return {
+        "process_cpu_s": round(cpu, 3),
+        "generator_cpu_s": round(generator_cpu, 3),
+        "generator_cpu_share": round(share, 4),
+        "schedule_lag": lag.as_dict(),
+        "generator_bound": bool(reasons),
+        "reasons": reasons,
+    }
+
+
+def check_accounting(result: Mapping[str, Any]) -> None:
+    """Refuse a result whose outcomes do not add up to the devices started."""
+    outcomes = result["outcomes"]
+    if not outcomes["accounted"]:
+        total = (
+            outcomes["issued"]
+            + sum(outcomes["rejected"].values())
+            + sum(outcomes["failed"].values())
+        )
+        raise AccountingError(
+            f"outcomes add up to {total} but {outcomes['started']} devices started"
+        )
+
+
+def check_writable(path: Path) -> None:
+    """Fail before the run if the result cannot be written where asked."""
+    folder = path.parent if path.parent != Path() else Path.cwd()
+    if path.is_dir():
+        raise ResultError(f"--out {path} is a directory")
+    if not folder.is_dir():
+        raise ResultError(f"--out {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ResultError(f"--out {path}: folder {folder} is not writable")
+
+
+def write_result(path: Path, result: Mapping[str, Any]) -> None:
+    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+    folder = path.parent if path.parent != Path() else Path.cwd()
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=1)
+            handle.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """Read a result file; refuse missing, corrupt or other-version files with a ResultError."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultError(f"{path}: no such result file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResultError(f"{path}: not a readable result file: {exc}") from exc
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise ResultError(f"{path}: not an enrollbench result (no schema_version)")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise ResultError(
+            f"{path}: schema version {data['schema_version']}, this enrollbench reads "
+            f"{SCHEMA_VERSION}"
+        )
+    return data

@@ -1,0 +1,258 @@
+"""`enrollbench run`: build the corpus, start the shards, drive them together, merge, write.
+
+Start-up (corpus, CA material, shard processes and their engine replicas) happens before the
+common start time and is reported separately from the measured window.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from bench.corpus import load_keys, load_protected_keys, load_requests
+from bench.errors import BenchError
+from bench.profile import Profile
+from bench.shard import ShardPlan, ShardResult, shard_main
+from engine.keys import load_private_key
+from engine.system import CAMaterial
+
+START_DELAY_S = 0.2  # between "everyone is ready" and the common start time
+READY_TIMEOUT_S = 600.0
+DRAIN_TIMEOUT_S = 30.0
+CA_KEY_SEED = -1  # CA keys come from their own corpus seed, apart from device keys
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """What the command line adds to a profile."""
+
+    workers: int
+    artifacts: Path | None = None
+    artifacts_sample: int = 0
+    use_uvloop: bool = True
+
+
+@dataclass(slots=True)
+class RunOutput:
+    """The shards' results, the devices of shards that died, and where the time went."""
+
+    shards: list[ShardResult]
+    died: dict[int, int]
+    timings: dict[str, float]
+    interrupted: bool
+    material: CAMaterial
+
+
+ProgressSink = Callable[[dict[int, dict[str, int]]], None]
+
+
+def resolve_workers(profile: Profile, override: int | None) -> int:
+    requested = override if override is not None else int(profile.get("load", "workers"))
+    return requested or (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCorpus:
+    """Precomputed device crypto, aligned by device index."""
+
+    keys: list[bytes]
+    requests: list[bytes]
+    protected: list[bytes]
+
+
+def _corpus(profile: Profile) -> DeviceCorpus | None:
+    """Keys, requests and protected keys when the profile asks for precomputed device crypto."""
+    if profile.get("device", "crypto") != "precomputed":
+        return None
+    seed = profile.get("", "seed")
+    key = profile.get("device", "key")
+    keys = load_keys(key, seed, int(profile.get("load", "devices")))
+    requests = load_requests(key, profile.get("ca", "hash"), seed, keys)
+    if profile.get("device", "key_protection") == "none":
+        return DeviceCorpus(keys, requests, keys)
+    return DeviceCorpus(keys, requests, load_protected_keys(seed, keys))
+
+
+def _material(profile: Profile) -> CAMaterial:
+    config = profile.engine_config()
+    ders = load_keys(config.ca_key, CA_KEY_SEED, config.ca_intermediates + 2)
+    return CAMaterial.create(config, [load_private_key(der) for der in ders])
+
+
+def _plans(
+    profile: Profile,
+    workers: int,
+    material: CAMaterial,
+    corpus: DeviceCorpus | None,
+    options: RunOptions,
+) -> list[ShardPlan]:
+    devices = int(profile.get("load", "devices"))
+    sample = options.artifacts_sample if options.artifacts else 0
+    plans = []
+    for index in range(workers):
+        mine = tuple(range(index, devices, workers))
+        if not mine:
+            continue
+        plans.append(
+            ShardPlan(
+                index=index,
+                workers=workers,
+                profile=profile,
+                material=material,
+                device_indices=mine,
+                corpus=None
+                if corpus is None
+                else tuple((corpus.keys[i], corpus.requests[i], corpus.protected[i]) for i in mine),
+                artifacts_sample=-(-sample // workers),
+            )
+        )
+    return plans
+
+
+class _Fleet:
+    """The shard processes and the parent's end of their channels."""
+
+    def __init__(self, plans: Sequence[ShardPlan], use_uvloop: bool) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.channels: dict[int, Connection] = {}
+        self.processes: dict[int, BaseProcess] = {}
+        self.devices = {plan.index: len(plan.device_indices) for plan in plans}
+        for plan in plans:
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=shard_main, args=(plan, child, use_uvloop), name=f"shard-{plan.index}"
+            )
+            process.start()
+            child.close()
+            self.channels[plan.index] = parent
+            self.processes[plan.index] = process
+
+    def wait_ready(self) -> None:
+        waiting = set(self.channels)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while waiting:
+            if time.monotonic() > deadline:
+                raise BenchError(f"shards {sorted(waiting)} were not ready in {READY_TIMEOUT_S} s")
+            for index in list(waiting):
+                channel = self.channels[index]
+                if channel.poll(0.05):
+                    message = channel.recv()
+                    if message[0] == "ready":
+                        waiting.discard(index)
+                elif not self.processes[index].is_alive():
+                    raise BenchError(f"shard {index} exited while starting up")
+
+    def go(self, start_ns: int) -> None:
+        for channel in self.channels.values():
+            channel.send(("go", start_ns))
+
+    def collect(
+        self, progress: ProgressSink | None
+    ) -> tuple[list[ShardResult], dict[int, int], bool]:
+        results: dict[int, ShardResult] = {}
+        snapshots: dict[int, dict[str, int]] = {}
+        died: dict[int, int] = {}
+        interrupted = False
+        drain_deadline: float | None = None
+        while len(results) + len(died) < len(self.channels):
+            try:
+                self._poll(results, snapshots, died, progress)
+            except KeyboardInterrupt:
+                interrupted = True  # the shards got the same SIGINT and are winding down
+                drain_deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            if drain_deadline is not None and time.monotonic() > drain_deadline:
+                for index in set(self.channels) - set(results) - set(died):
+                    self.processes[index].kill()
+                    died[index] = snapshots.get(index, {}).get("started", self.devices[index])
+        for process in self.processes.values():
+            process.join(timeout=5)
+        return [results[i] for i in sorted(results)], died, interrupted
+
+    def _poll(
+        self,
+        results: dict[int, ShardResult],
+        snapshots: dict[int, dict[str, int]],
+        died: dict[int, int],
+        progress: ProgressSink | None,
+    ) -> None:
+        open_channels = [c for i, c in self.channels.items() if i not in results and i not in died]
+        ready = wait(open_channels, timeout=0.25)
+        for index, channel in self.channels.items():
+            if channel not in ready:
+                continue
+            try:
+                message: tuple[Any, ...] = channel.recv()
+            except (EOFError, OSError):
+                died[index] = self._lost_devices(index, snapshots)
+                continue
+            if message[0] == "progress":
+                snapshots[index] = message[2]
+            elif message[0] == "result":
+                results[index] = message[2]
+        for index, process in self.processes.items():
+            if index not in results and index not in died and not process.is_alive():
+                if self.channels[index].poll(0):
+                    continue  # its result is still in the pipe
+                died[index] = self._lost_devices(index, snapshots)
+        if progress is not None:
+            progress(snapshots)
+
+    def _lost_devices(self, index: int, snapshots: dict[int, dict[str, int]]) -> int:
+        """A dead shard's devices all count as failed: the ones it started, or all it had."""
+        return max(snapshots.get(index, {}).get("started", 0), self.devices[index])
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.is_alive():
+                process.kill()
+            process.join(timeout=5)
+
+
+def execute(
+    profile: Profile, workers: int, options: RunOptions, progress: ProgressSink | None
+) -> RunOutput:
+    """Run a profile across `workers` shards and return what they measured."""
+    began = time.perf_counter()
+    corpus = _corpus(profile)
+    material = _material(profile)
+    corpus_s = time.perf_counter() - began
+    plans = _plans(profile, workers, material, corpus, options)
+    fleet = _Fleet(plans, options.use_uvloop)
+    try:
+        fleet.wait_ready()
+        startup_s = time.perf_counter() - began - corpus_s
+        start_ns = time.perf_counter_ns() + int(START_DELAY_S * 1e9)
+        fleet.go(start_ns)
+        shards, died, interrupted = fleet.collect(progress)
+    finally:
+        fleet.stop()
+    timings = {"corpus_s": corpus_s, "startup_s": startup_s}
+    return RunOutput(shards, died, timings, interrupted, material)
+
+
+def write_artifacts(folder: Path, material: CAMaterial, shards: Sequence[ShardResult]) -> int:
+    """The CA chain and the sampled certificates as PEM, for `openssl verify`."""
+    certificates = [x509.load_der_x509_certificate(der) for der in material.certificates]
+    (folder / "certs").mkdir(parents=True, exist_ok=True)
+    pem = serialization.Encoding.PEM
+    (folder / "root.pem").write_bytes(certificates[0].public_bytes(pem))
+    (folder / "chain.pem").write_bytes(b"".join(c.public_bytes(pem) for c in certificates[1:]))
+    written = 0
+    for shard in shards:
+        for user_id, der in shard.samples:
+            leaf = x509.load_der_x509_certificate(der)
+            (folder / "certs" / f"{user_id}-{leaf.serial_number:032x}.pem").write_bytes(
+                leaf.public_bytes(pem)
+            )
+            written += 1
+    return written
