@@ -139,8 +139,7 @@ def build_result(
     window = _window(shards)
     completed = _merge_counts([s.completed_per_second for s in shards])
     issued = _merge_counts([s.issued_per_second for s in shards])
-    measured_enrollments = sum(s.measured for s in shards)
-    issued_measured = histograms.get("end_to_end.latency", Histogram()).count
+    enrollment_rate, issue_rate = _rates(shards)
     generator = _generator_block(profile, shards, histograms, window)
     steps = {
         step.label: histograms[f"step.{step.label}"].summary().as_dict()
@@ -156,8 +155,8 @@ def build_result(
         "outcomes": _outcome_block(outcomes, started),
         "workers_died": {str(k): v for k, v in died.items()},
         "throughput": {
-            "enrollments_per_s": round(measured_enrollments / window, 2) if window else 0.0,
-            "issued_per_s": round(issued_measured / window, 2) if window else 0.0,
+            "enrollments_per_s": round(enrollment_rate, 2),
+            "issued_per_s": round(issue_rate, 2),
             "series": {
                 "second": list(range(max(len(completed), len(issued)))),
                 "completed": completed,
@@ -183,6 +182,18 @@ def build_result(
 
 def _summary(histograms: Mapping[str, Histogram], name: str) -> dict[str, float | int]:
     return histograms.get(name, Histogram()).summary().as_dict()
+
+
+def _rates(shards: Sequence[ShardResult]) -> tuple[float, float]:
+    """Enrollments and issued certificates per second: each shard's rate over its own measured
+    window, summed, so a shard that finishes early does not dilute the others."""
+    enrollments = issued = 0.0
+    for shard in shards:
+        seconds = (shard.window_ns[1] - shard.window_ns[0]) / 1e9
+        if seconds > 0:
+            enrollments += shard.measured / seconds
+            issued += shard.measured_issued / seconds
+    return enrollments, issued
 
 
 def _window(shards: Sequence[ShardResult]) -> float:

@@ -1,8 +1,8 @@
 """Salted password verifiers, as a directory keeps them for a simple bind (step 2).
 
-The verifier is PBKDF2-HMAC-SHA256 with a per-user salt. One iteration costs about what an LDAP
-simple bind against a salted hash ({SSHA}) costs; profiles raise `iterations` to model a costlier
-verifier.
+With `iterations` 1 (the default) the verifier is one salted SHA-256 of the password, what an
+LDAP simple bind checks against a {SSHA256} userPassword; above 1 it is PBKDF2-HMAC-SHA256 with
+that many iterations, so profiles can model a costlier verifier.
 """
 
 from __future__ import annotations
@@ -27,11 +27,16 @@ def make_verifier(password: str, salt: bytes, iterations: int = DEFAULT_ITERATIO
     """Derive a verifier from a password (directory seeding, off the clock)."""
     if iterations < 1:
         raise ValueError("iterations must be at least 1")
-    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    return Verifier(salt, digest, iterations)
+    return Verifier(salt, _digest(password, salt, iterations), iterations)
 
 
 def check_password(verifier: Verifier, password: str) -> bool:
     """True when `password` matches, compared in constant time."""
-    candidate = hashlib.pbkdf2_hmac("sha256", password.encode(), verifier.salt, verifier.iterations)
+    candidate = _digest(password, verifier.salt, verifier.iterations)
     return hmac.compare_digest(candidate, verifier.digest)
+
+
+def _digest(password: str, salt: bytes, iterations: int) -> bytes:
+    if iterations == 1:
+        return hashlib.sha256(password.encode() + salt).digest()  # {SSHA256}: H(password || salt)
+    return hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)

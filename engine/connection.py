@@ -54,7 +54,12 @@ class ConnectionService:
 
         return await self.cache.get(profile_id, fetch)
 
-    async def submit(
+    @staticmethod
+    def acknowledge(notify: Callable[[str], None]) -> None:
+        """Step 10: a status update to the device: its request is on its way to the CA."""
+        notify("submitted")
+
+    async def forward(
         self,
         device_id: str,
         profile_id: str,
@@ -62,8 +67,7 @@ class ConnectionService:
         user: User,
         notify: Callable[[str], None],
     ) -> Issued:
-        """Steps 10-11: status update to the device, request to the profile's CA."""
-        notify("submitted")
+        """Steps 10-11: the request to the profile's CA, which notifies as it progresses."""
         return await self.authority(profile_id).process(device_id, request, user, notify)
 
     async def retrieve(self, issued: Issued) -> bytes:

@@ -8,9 +8,8 @@ each step's start and end and decides what to measure.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from engine.errors import EnrollmentError, RejectedError
 
@@ -49,9 +48,8 @@ class Status(StrEnum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How one enrollment ended, and at which step."""
+class Outcome(NamedTuple):
+    """How one enrollment ended, and at which step (a NamedTuple: cheap, immutable)."""
 
     device_id: str
     status: Status
@@ -63,11 +61,16 @@ class Outcome:
 
 
 class StepRecorder(Protocol):
-    """Receives step boundaries; the bench implements it with its clock."""
+    """Receives step boundaries; the bench implements it with its clock.
+
+    Steps run back to back, so one boundary both ends a step and starts the next: `start(step)`
+    is called as each step starts (and the previous one ends), `finish()` when the last step of
+    an issued enrollment ends. A failed enrollment never calls `finish`.
+    """
 
     def start(self, step: Step) -> None: ...
 
-    def end(self, step: Step) -> None: ...
+    def finish(self) -> None: ...
 
 
 class NullRecorder:
@@ -76,95 +79,89 @@ class NullRecorder:
     def start(self, step: Step) -> None:
         pass
 
-    def end(self, step: Step) -> None:
+    def finish(self) -> None:
         pass
 
 
 NULL_RECORDER = NullRecorder()
 
 
-class _Steps:
-    """Tracks the current step; `begin` ends the previous one."""
-
-    __slots__ = ("current", "recorder")
-
-    def __init__(self, recorder: StepRecorder) -> None:
-        self.recorder = recorder
-        self.current = Step.GENERATE_KEY
-
-    def begin(self, step: Step) -> None:
-        if step is not Step.GENERATE_KEY:
-            self.recorder.end(self.current)
-        self.current = step
-        self.recorder.start(step)
-
-
-async def enroll(
+async def enroll(  # noqa: PLR0915 (the 14 steps, written out in the seed's order)
     device: Device,
     connection: ConnectionService,
     enterprise: EnterpriseServer,
-    link: Callable[[], Awaitable[None]],
+    link: Callable[[], Awaitable[None]] | None,
     recorder: StepRecorder = NULL_RECORDER,
 ) -> Outcome:
-    """Run one device through the 14 steps; return its outcome, never raise."""
-    steps = _Steps(recorder)
-    device_id = device.identity.device_id
+    """Run one device through the 14 steps; return its outcome, never raise.
+
+    `link` is one hop over the device's wireless link (None: no simulated latency). The steps
+    are written out in order, one boundary each, so the step that fails is always known.
+    """
+    identity = device.identity
+    device_id = identity.device_id
+    mark = recorder.start
+    step = Step.GENERATE_KEY
     try:
-        serial = await _run_steps(device, connection, enterprise, link, steps)
+        mark(step)
+        device.generate_key()
+        step = Step.AUTHENTICATE
+        mark(step)
+        await connection.authenticate(identity.user_id, identity.password)
+        step = Step.REQUEST_DN
+        mark(step)
+        if link is not None:
+            await link()
+        step = Step.LOOKUP_DN
+        mark(step)
+        user = await enterprise.lookup_user(identity.user_id)
+        if link is not None:
+            await link()
+        step = Step.STORE_KEY_PAIR
+        mark(step)
+        await device.store_key_pair(user)
+        step = Step.BUILD_REQUEST
+        mark(step)
+        request_der = device.build_request(user)
+        step = Step.SEND_REQUEST
+        mark(step)
+        if link is not None:
+            await link()
+        connection.authority(identity.profile_id)
+        request = await enterprise.relay_request(device_id, request_der)
+        step = Step.FETCH_CHAIN
+        mark(step)
+        chain = await connection.chain(identity.profile_id)
+        step = Step.DELIVER_CHAIN
+        mark(step)
+        if link is not None:
+            await link()
+        device.chain = chain
+        step = Step.SUBMIT
+        mark(step)
+        connection.acknowledge(device.receive_status)
+        step = Step.ISSUE
+        mark(step)
+        issued = await connection.forward(
+            device_id, identity.profile_id, request, user, device.receive_status
+        )
+        step = Step.RETRIEVE
+        mark(step)
+        certificate = await connection.retrieve(issued)
+        step = Step.MATCH_AND_DELIVER
+        mark(step)
+        await enterprise.check_certificate(device_id, certificate)
+        if link is not None:
+            await link()
+        step = Step.INSTALL
+        mark(step)
+        await device.install(certificate)
     except RejectedError as exc:
-        return Outcome(
-            device_id, Status.REJECTED, steps.current, exc.reason, type(exc).__name__, str(exc)
-        )
+        return Outcome(device_id, Status.REJECTED, step, exc.reason, type(exc).__name__, str(exc))
     except EnrollmentError as exc:
-        return Outcome(
-            device_id, Status.FAILED, steps.current, exc.reason, type(exc).__name__, str(exc)
-        )
+        return Outcome(device_id, Status.FAILED, step, exc.reason, type(exc).__name__, str(exc))
     except Exception as exc:
         # Only the type is kept: an arbitrary message could carry secrets.
-        return Outcome(device_id, Status.FAILED, steps.current, "unexpected", type(exc).__name__)
-    recorder.end(Step.INSTALL)
-    return Outcome(device_id, Status.ISSUED, Step.INSTALL, serial=serial)
-
-
-async def _run_steps(
-    device: Device,
-    connection: ConnectionService,
-    enterprise: EnterpriseServer,
-    link: Callable[[], Awaitable[None]],
-    steps: _Steps,
-) -> int:
-    identity = device.identity
-    steps.begin(Step.GENERATE_KEY)
-    device.generate_key()
-    steps.begin(Step.AUTHENTICATE)
-    await connection.authenticate(identity.user_id, identity.password)
-    steps.begin(Step.REQUEST_DN)
-    await link()
-    steps.begin(Step.LOOKUP_DN)
-    user = await enterprise.lookup_user(identity.user_id)
-    await link()
-    steps.begin(Step.STORE_KEY_PAIR)
-    await device.store_key_pair(user)
-    steps.begin(Step.BUILD_REQUEST)
-    request_der = device.build_request(user)
-    steps.begin(Step.SEND_REQUEST)
-    await link()
-    connection.authority(identity.profile_id)
-    request = await enterprise.relay_request(identity.device_id, request_der)
-    steps.begin(Step.FETCH_CHAIN)
-    chain = await connection.chain(identity.profile_id)
-    steps.begin(Step.DELIVER_CHAIN)
-    await link()
-    device.chain = chain
-    steps.begin(Step.SUBMIT)
-    notify = device.receive_status
-    steps.begin(Step.ISSUE)
-    issued = await connection.submit(identity.device_id, identity.profile_id, request, user, notify)
-    steps.begin(Step.RETRIEVE)
-    certificate = await connection.retrieve(issued)
-    steps.begin(Step.MATCH_AND_DELIVER)
-    await enterprise.check_certificate(identity.device_id, certificate)
-    await link()
-    steps.begin(Step.INSTALL)
-    await device.install(certificate)
-    return issued.serial
+        return Outcome(device_id, Status.FAILED, step, "unexpected", type(exc).__name__)
+    recorder.finish()
+    return Outcome(device_id, Status.ISSUED, Step.INSTALL, serial=issued.serial)

@@ -52,11 +52,14 @@ class User:
     dn: DistinguishedName
     email: str
     upn: str
+    alternative_names: bytes = field(default=b"", repr=False, compare=False)
     general_names: frozenset[bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        names = general_name_elements(encode_alternative_names(self.email, self.upn))
-        object.__setattr__(self, "general_names", frozenset(names))
+        # `alternative_names` is the SAN extnValue a directory stored; made here when absent.
+        names = self.alternative_names or encode_alternative_names(self.email, self.upn)
+        object.__setattr__(self, "alternative_names", names)
+        object.__setattr__(self, "general_names", frozenset(general_name_elements(names)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,16 +24,16 @@ from engine.identity import DistinguishedName, User
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     user_id TEXT PRIMARY KEY, dn TEXT NOT NULL, dn_der BLOB NOT NULL,
-    email TEXT NOT NULL, upn TEXT NOT NULL,
+    email TEXT NOT NULL, upn TEXT NOT NULL, alternative_names BLOB NOT NULL,
     salt BLOB NOT NULL, verifier BLOB NOT NULL, iterations INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS published (
     serial BLOB PRIMARY KEY, dn TEXT NOT NULL, certificate BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS device_keys (device_id TEXT PRIMARY KEY, spki BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS persistent_store (
-    device_id TEXT PRIMARY KEY, protected_key BLOB NOT NULL, dn TEXT NOT NULL,
+    device_id TEXT NOT NULL, protected_key BLOB NOT NULL, dn TEXT NOT NULL,
     profile_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS key_store (
-    device_id TEXT PRIMARY KEY, certificate BLOB NOT NULL, protected_key BLOB NOT NULL,
+    device_id TEXT NOT NULL, certificate BLOB NOT NULL, protected_key BLOB NOT NULL,
     chain BLOB NOT NULL);
 """
 
@@ -142,13 +142,14 @@ class SqliteUsers:
         """Load users and their verifiers (off the clock)."""
         for user, verifier in users:
             self._db.write(
-                "INSERT OR REPLACE INTO users VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO users VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     user.user_id,
                     user.dn.text,
                     user.dn.der,
                     user.email,
                     user.upn,
+                    user.alternative_names,
                     verifier.salt,
                     verifier.digest,
                     verifier.iterations,
@@ -158,11 +159,12 @@ class SqliteUsers:
 
     async def lookup_user(self, user_id: str) -> User:
         row = self._db.read_one(
-            "SELECT dn, dn_der, email, upn FROM users WHERE user_id = ?", (user_id,)
+            "SELECT dn, dn_der, email, upn, alternative_names FROM users WHERE user_id = ?",
+            (user_id,),
         )
         if row is None:
             raise UnknownUserError(user_id)
-        return User(user_id, DistinguishedName(row[0], row[1]), row[2], row[3])
+        return User(user_id, DistinguishedName(row[0], row[1]), row[2], row[3], row[4])
 
     async def verifier(self, user_id: str) -> Verifier:
         row = self._db.read_one(
@@ -228,7 +230,7 @@ class SqliteDeviceStores:
 
     async def save(self, device_id: str, protected_key: bytes, dn: str, profile_id: str) -> None:
         self._db.write(
-            "INSERT OR REPLACE INTO persistent_store VALUES (?, ?, ?, ?)",
+            "INSERT INTO persistent_store VALUES (?, ?, ?, ?)",
             (device_id, protected_key, dn, profile_id),
         )
 
@@ -236,6 +238,6 @@ class SqliteDeviceStores:
         self, device_id: str, certificate: bytes, protected_key: bytes, chain: bytes
     ) -> None:
         self._db.write(
-            "INSERT OR REPLACE INTO key_store VALUES (?, ?, ?, ?)",
+            "INSERT INTO key_store VALUES (?, ?, ?, ?)",
             (device_id, certificate, protected_key, chain),
         )

@@ -145,6 +145,7 @@ class EnrollmentSystem:
         )
         self._template = RequestTemplate(spec.family)
         self._link_delay = config.link_latency.sampler(random.Random(rng.random()))
+        self._link = None if config.link_latency == _NO_DELAY else self._hop
 
     def device(self, identity: DeviceIdentity) -> Device:
         """A device for one enrollment."""
@@ -152,7 +153,7 @@ class EnrollmentSystem:
             identity, self._device_profile, self._template, self.device_stores, self.device_stores
         )
 
-    async def _link(self) -> None:
+    async def _hop(self) -> None:
         """One hop over the simulated wireless link: a wait, no CPU."""
         delay = self._link_delay()
         if delay > 0:
