@@ -47,9 +47,7 @@ def trial(profile: Profile, rate: float, workers: int, seconds: float) -> dict[s
     """One short open-loop run at `rate`."""
     trial_profile = _trial_profile(profile, rate, seconds)
     output = execute(trial_profile, workers, RunOptions(workers), None)
-    return build_result(
-        trial_profile, workers, output.shards, output.died, output.timings, output.interrupted
-    )
+    return build_result(trial_profile, workers, output)
 
 
 def _point(rate: float, result: dict[str, Any], key: str, limit: float) -> dict[str, Any]:

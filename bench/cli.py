@@ -76,9 +76,7 @@ def _run(args: argparse.Namespace) -> int:
     display = LiveProgress(profile, enabled=not args.quiet)
     with display:
         output = execute(profile, workers, options, display.update)
-    result = build_result(
-        profile, workers, output.shards, output.died, output.timings, output.interrupted
-    )
+    result = build_result(profile, workers, output)
     write_result(out, result)
     if args.artifacts:
         written = write_artifacts(args.artifacts, output.material, output.shards)

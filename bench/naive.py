@@ -38,9 +38,7 @@ def naive_rate(workload: CaWorkload, seconds: float) -> float:
 def run_rate(profile: Profile, workers: int) -> float:
     """enrollbench run's enrollments per second on `profile` (its load section as given)."""
     output = execute(profile, workers, RunOptions(workers), None)
-    result = build_result(
-        profile, workers, output.shards, output.died, output.timings, output.interrupted
-    )
+    result = build_result(profile, workers, output)
     return float(result["throughput"]["enrollments_per_s"])
 
 

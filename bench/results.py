@@ -24,11 +24,13 @@ from cryptography.hazmat.backends.openssl.backend import backend as openssl_back
 from bench.errors import AccountingError, ResultError
 from bench.histogram import Histogram, merged
 from bench.profile import Profile
+from bench.runner import RunOutput
 from bench.shard import STEPS, ShardResult
 from engine import _der
 
 SCHEMA_VERSION = 1
-GENERATOR_CPU_LIMIT = 0.10  # above this share, the generator may be what limits the run
+GENERATOR_CPU_LIMIT = 0.10  # above this share of a busy shard, the generator may be the limit
+BUSY = 0.8  # a shard using this share of a core or more is CPU-bound
 LAG_LIMIT_US = 10_000  # open loop: p99 schedule lag above 10 ms means the schedule slipped
 RATE_SHORTFALL = 0.95  # open loop: starting under 95% of the target rate means the same
 
@@ -119,15 +121,9 @@ def merge_shards(shards: Sequence[ShardResult]) -> dict[str, Histogram]:
     }
 
 
-def build_result(
-    profile: Profile,
-    workers: int,
-    shards: Sequence[ShardResult],
-    died: Mapping[int, int],
-    timings: Mapping[str, float],
-    interrupted: bool,
-) -> dict[str, Any]:
-    """Merge shard results into one result document."""
+def build_result(profile: Profile, workers: int, output: RunOutput) -> dict[str, Any]:
+    """Merge a run's shard results into one result document."""
+    shards, died, timings = output.shards, output.died, output.timings
     outcomes: dict[str, int] = {}
     for shard in shards:
         for key, count in shard.outcomes.items():
@@ -149,7 +145,7 @@ def build_result(
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "run",
-        "interrupted": interrupted,
+        "interrupted": output.interrupted,
         "manifest": manifest(profile, workers, profile.get("", "seed")),
         "timing": {**{k: round(v, 3) for k, v in timings.items()}, "window_s": round(window, 3)},
         "outcomes": _outcome_block(outcomes, started),
@@ -176,6 +172,7 @@ def build_result(
             for key in ("hits", "misses", "fetches", "joined")
         },
         "generator": generator,
+        "memory": {"peak_rss_mb_all_processes": round(output.peak_rss_bytes / 2**20, 1)},
         "histograms": {name: h.encode() for name, h in histograms.items()},
     }
 
@@ -214,10 +211,14 @@ def _generator_block(
     cpu = sum(s.process_cpu_s for s in shards)
     generator_cpu = sum(s.generator_cpu_s for s in shards)
     share = generator_cpu / cpu if cpu else 0.0
+    elapsed = sum(s.elapsed_s for s in shards)
+    busy = cpu / elapsed if elapsed else 0.0
     lag = histograms.get("schedule_lag", Histogram()).summary()
     reasons = []
-    if share > GENERATOR_CPU_LIMIT:
-        reasons.append(f"generator used {share:.0%} of the CPU (limit {GENERATOR_CPU_LIMIT:.0%})")
+    if share > GENERATOR_CPU_LIMIT and busy >= BUSY:
+        reasons.append(
+            f"generator used {share:.0%} of busy shards' CPU (limit {GENERATOR_CPU_LIMIT:.0%})"
+        )
     if profile.get("load", "mode") == "open" and window > 0:
         target = float(profile.get("load", "rate"))
         achieved = sum(s.offered for s in shards) / max(window, 1e-9)
@@ -229,6 +230,7 @@ def _generator_block(
         "process_cpu_s": round(cpu, 3),
         "generator_cpu_s": round(generator_cpu, 3),
         "generator_cpu_share": round(share, 4),
+        "shard_cpu_utilization": round(busy, 3),
         "schedule_lag": lag.as_dict(),
         "generator_bound": bool(reasons),
         "reasons": reasons,

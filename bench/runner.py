@@ -51,9 +51,11 @@ class RunOutput:
     timings: dict[str, float]
     interrupted: bool
     material: CAMaterial
+    peak_rss_bytes: int
 
 
 ProgressSink = Callable[[dict[int, dict[str, int]]], None]
+ShardTarget = Callable[[ShardPlan, Connection, bool], None]
 
 
 def resolve_workers(profile: Profile, override: int | None) -> int:
@@ -122,15 +124,16 @@ def _plans(
 class _Fleet:
     """The shard processes and the parent's end of their channels."""
 
-    def __init__(self, plans: Sequence[ShardPlan], use_uvloop: bool) -> None:
+    def __init__(self, plans: Sequence[ShardPlan], use_uvloop: bool, target: ShardTarget) -> None:
         context = multiprocessing.get_context("spawn")
         self.channels: dict[int, Connection] = {}
         self.processes: dict[int, BaseProcess] = {}
         self.devices = {plan.index: len(plan.device_indices) for plan in plans}
+        self.peak_rss = 0
         for plan in plans:
             parent, child = context.Pipe()
             process = context.Process(
-                target=shard_main, args=(plan, child, use_uvloop), name=f"shard-{plan.index}"
+                target=target, args=(plan, child, use_uvloop), name=f"shard-{plan.index}"
             )
             process.start()
             child.close()
@@ -204,8 +207,22 @@ class _Fleet:
                 if self.channels[index].poll(0):
                     continue  # its result is still in the pipe
                 died[index] = self._lost_devices(index, snapshots)
+        self.peak_rss = max(self.peak_rss, self._resident_bytes())
         if progress is not None:
             progress(snapshots)
+
+    def _resident_bytes(self) -> int:
+        """Resident memory of the parent and every live shard (Linux /proc; 0 elsewhere)."""
+        pids = [os.getpid()] + [p.pid for p in self.processes.values() if p.is_alive() and p.pid]
+        total = 0
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except (OSError, ValueError):
+                continue
+        return total
 
     def _lost_devices(self, index: int, snapshots: dict[int, dict[str, int]]) -> int:
         """A dead shard's devices all count as failed: the ones it started, or all it had."""
@@ -219,15 +236,22 @@ class _Fleet:
 
 
 def execute(
-    profile: Profile, workers: int, options: RunOptions, progress: ProgressSink | None
+    profile: Profile,
+    workers: int,
+    options: RunOptions,
+    progress: ProgressSink | None,
+    target: ShardTarget = shard_main,
 ) -> RunOutput:
-    """Run a profile across `workers` shards and return what they measured."""
+    """Run a profile across `workers` shards and return what they measured.
+
+    `target` is the shard process's entry point (tests pass one that dies on purpose).
+    """
     began = time.perf_counter()
     corpus = _corpus(profile)
     material = _material(profile)
     corpus_s = time.perf_counter() - began
     plans = _plans(profile, workers, material, corpus, options)
-    fleet = _Fleet(plans, options.use_uvloop)
+    fleet = _Fleet(plans, options.use_uvloop, target)
     try:
         fleet.wait_ready()
         startup_s = time.perf_counter() - began - corpus_s
@@ -236,8 +260,9 @@ def execute(
         shards, died, interrupted = fleet.collect(progress)
     finally:
         fleet.stop()
+    # The peak is sampled while the shards run, a few times a second.
     timings = {"corpus_s": corpus_s, "startup_s": startup_s}
-    return RunOutput(shards, died, timings, interrupted, material)
+    return RunOutput(shards, died, timings, interrupted, material, fleet.peak_rss)
 
 
 def write_artifacts(folder: Path, material: CAMaterial, shards: Sequence[ShardResult]) -> int:

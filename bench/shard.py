@@ -72,6 +72,7 @@ class ShardResult:
     approvals_pending: list[int]
     cache: dict[str, int]
     process_cpu_s: float
+    elapsed_s: float
     generator_cpu_s: float
     offered: int
     window_ns: tuple[int, int]
@@ -313,7 +314,9 @@ class Shard:
         self.tick(sink, progress)
         return sink, self.stop
 
-    def result(self, sink: _Collector, interrupted: bool, cpu_s: float) -> ShardResult:
+    def result(
+        self, sink: _Collector, interrupted: bool, cpu_s: float, elapsed_s: float
+    ) -> ShardResult:
         per_second = self.approval_depth[:: max(1, round(1 / TICK_SECONDS))]
         counts = self.system.connection.cache.counts
         generator_ns = self.tick_cpu_ns + self.per_enrollment_cost_ns * self.started
@@ -334,6 +337,7 @@ class Shard:
                 "joined": counts.joined,
             },
             process_cpu_s=cpu_s,
+            elapsed_s=elapsed_s,
             generator_cpu_s=generator_ns / 1e9,
             offered=self.offered,
             window_ns=(sink.warmup_end, sink.last_end),
@@ -388,13 +392,14 @@ def shard_main(plan: ShardPlan, channel: Connection, use_uvloop: bool) -> None:
             channel.send(("progress", plan.index, snapshot))
 
         loop = _new_loop(use_uvloop)
-        cpu_before = time.process_time()
+        cpu_before, wall_before = time.process_time(), time.perf_counter()
         try:
             sink, interrupted = loop.run_until_complete(shard.run(start, progress))
         finally:
             loop.close()
         cpu = time.process_time() - cpu_before
-        channel.send(("result", plan.index, shard.result(sink, interrupted, cpu)))
+        elapsed = time.perf_counter() - wall_before
+        channel.send(("result", plan.index, shard.result(sink, interrupted, cpu, elapsed)))
         shard.system.close()
 
 

@@ -1,0 +1,137 @@
+"""Runs end to end: shards, outcomes, loads, artifacts, dead workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.profile import load_profile
+from bench.results import build_result, check_accounting
+from bench.runner import RunOptions, execute, write_artifacts
+from bench.shard import ShardPlan, shard_main
+from tests.conftest import require_tool
+
+
+def _run(overrides: list[str], workers: int = 2, **options: object) -> dict[str, Any]:
+    profile = load_profile("smoke", overrides)
+    output = execute(profile, workers, RunOptions(workers, **options), None)  # type: ignore[arg-type]
+    return build_result(profile, workers, output)
+
+
+def test_closed_loop_issues_every_device() -> None:
+    """Every device of a closed-loop run is issued and accounted for, across two shards."""
+    result = _run(["load.devices=120"])
+    outcomes = result["outcomes"]
+    assert outcomes == {
+        "started": 120,
+        "issued": 120,
+        "rejected": {},
+        "failed": {},
+        "accounted": True,
+    }
+    check_accounting(result)
+    assert result["latency"]["end_to_end"]["latency"]["count"] == 120
+    assert set(result["latency"]["steps"]) >= {"generate-key", "issue", "install"}
+
+
+def test_open_loop_runs_for_its_duration() -> None:
+    """An open-loop run at 200/s for 1 s starts about 200 devices and measures lag."""
+    result = _run(
+        ["load.mode='open'", "load.rate=200", "load.duration=1.0", "load.warmup_seconds=0.2"]
+    )
+    started = result["outcomes"]["started"]
+    assert 190 <= started <= 210
+    assert result["generator"]["schedule_lag"]["count"] > 0
+    assert result["outcomes"]["accounted"]
+
+
+def test_warmup_is_excluded_from_latency() -> None:
+    """Enrollments intended during warm-up count as outcomes, not as latency samples."""
+    result = _run(
+        ["load.mode='open'", "load.rate=200", "load.duration=1.0", "load.warmup_seconds=0.5"]
+    )
+    measured = result["latency"]["end_to_end"]["latency"]["count"]
+    assert 0 < measured < result["outcomes"]["issued"]
+
+
+def test_live_device_crypto_works() -> None:
+    """Devices that make their own keys and requests are issued too."""
+    result = _run(["load.devices=40", "device.crypto='live'"])
+    assert result["outcomes"]["issued"] == 40
+    assert result["manifest"]["device_crypto"] == "live"
+
+
+def test_administrator_rejections_are_accounted() -> None:
+    """With a 50% approval rate, issued plus rejected equals started."""
+    result = _run(
+        [
+            "load.devices=60",
+            "approval.mode='administrator'",
+            "approval.approval_rate=0.5",
+            "approval.administrators=8",
+            "approval.delay={kind='fixed', mean=0.01}",
+        ]
+    )
+    outcomes = result["outcomes"]
+    assert set(outcomes["rejected"]) == {"administrator-rejected"}
+    assert outcomes["issued"] + outcomes["rejected"]["administrator-rejected"] == 60
+
+
+def _dying_shard(plan: ShardPlan, channel: Connection, use_uvloop: bool) -> None:
+    """Shard 1 dies right after the start signal; the others run normally."""
+    if plan.index == 1:
+        channel.send(("ready", plan.index))
+        channel.recv()
+        os._exit(3)
+    shard_main(plan, channel, use_uvloop)
+
+
+def test_dead_worker_counts_its_devices_as_failed() -> None:
+    """A shard that dies leaves its devices failed as WorkerDied; the run still has a result."""
+    profile = load_profile("smoke", ["load.devices=100"])
+    output = execute(profile, 2, RunOptions(2), None, target=_dying_shard)
+    result = build_result(profile, 2, output)
+    outcomes = result["outcomes"]
+    assert outcomes["failed"] == {"WorkerDied": 50}
+    assert outcomes["issued"] == 50
+    assert outcomes["accounted"]
+    assert result["workers_died"] == {"1": 50}
+
+
+def test_artifacts_verify_with_openssl(tmp_path: Path) -> None:
+    """The written chain and a sample of certificates pass `openssl verify`."""
+    openssl = require_tool("openssl")
+    profile = load_profile("smoke", ["load.devices=30", "ca.intermediates=1"])
+    output = execute(profile, 2, RunOptions(2, tmp_path, 6), None)
+    written = write_artifacts(tmp_path, output.material, output.shards)
+    certificates = sorted((tmp_path / "certs").glob("*.pem"))
+    assert written == len(certificates) == 6
+    verify = subprocess.run(
+        [
+            openssl,
+            "verify",
+            "-CAfile",
+            str(tmp_path / "root.pem"),
+            "-untrusted",
+            str(tmp_path / "chain.pem"),
+            *map(str, certificates),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert verify.stdout.count(": OK") == 6
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_worker_counts_split_the_devices(workers: int) -> None:
+    """One shard or three: the same devices, all issued."""
+    result = _run(["load.devices=31"], workers=workers)
+    assert result["outcomes"]["issued"] == 31
+    assert result["manifest"]["workers"] == workers
