@@ -1,12 +1,21 @@
-"""The device corpus: keys and requests made once, before the clock, cached on disk, reused.
+"""The device corpus: keys, requests and protected keys made once, before the clock, on disk.
 
-RSA key generation takes ~40 ms at the median with a heavy tail, so a fleet's keys are made
-before the clock starts and kept. EC and Ed25519 keys are derived from the seed (the same seed
-gives the same keys on any machine); RSA keys come from OpenSSL's generator and are reproducible
-through the cache. Keys are stored and handed to shards as PKCS #8 DER.
+RSA key generation takes ~40 ms at the median with a heavy tail, and protecting a key (PKCS #8
+encryption) ~0.3 ms, so a fleet's device crypto is made ahead by several processes and kept.
+EC and Ed25519 keys are derived from the seed (the same seed gives the same keys anywhere); RSA
+keys come from OpenSSL's generator and are reproducible through the cache.
 
-Cache layout: one file per (key type, seed) under the cache directory, holding length-prefixed
-DER keys; a request for more keys than the file holds extends it.
+Cache layout (under `cache_directory()`), one file per kind, each a header then length-prefixed
+DER entries, extended in place when a run needs more devices:
+
+- `keys/<key>-seed<seed>.der`: PKCS #8 keys; the header carries a generation id, new whenever the
+  file is made from scratch;
+- `requests/<key>-<hash>-seed<seed>-<generation>.der`: one PKCS #10 request per key, for the
+  simulated user of the same index;
+- `protected/<key>-seed<seed>-<generation>.der`: each key encrypted under its device's secret.
+
+Requests and protected keys name the key file's generation, so they never outlive their keys.
+The runner builds the files in a child process; each shard then reads only its own entries.
 """
 
 from __future__ import annotations
@@ -14,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+from bench.errors import BenchError
 from engine.keys import (
     KeyFamily,
     Signer,
@@ -31,6 +42,8 @@ from engine.keys import (
 from engine.population import simulated_enrollee
 from engine.request import RequestContent, RequestTemplate
 
+_MAGIC = b"EBC1"
+_GENERATION = 16
 _LENGTH = struct.Struct(">I")
 
 
@@ -43,8 +56,84 @@ def cache_directory() -> Path:
     return Path(base) / "enrollbench"
 
 
+@dataclass(frozen=True, slots=True)
+class CorpusSpec:
+    """Which corpus: device key type, signature hash, seed, size, and whether keys are protected."""
+
+    key: str
+    hash_name: str
+    seed: int
+    devices: int
+    protect: bool = True
+
+
+# ---- one file: a generation id, then length-prefixed entries ----
+
+
+def _read(path: Path, wanted: Sequence[int] | None = None) -> tuple[bytes, list[bytes]]:
+    """The file's generation id and its entries (only those at `wanted` indices, if given).
+
+    A torn tail (an interrupted write) is dropped: later calls make those entries again.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return b"", []
+    head = len(_MAGIC) + _GENERATION
+    if len(data) < head or not data.startswith(_MAGIC):
+        return b"", []
+    generation = data[len(_MAGIC) : head]
+    keep = None if wanted is None else set(wanted)
+    entries: list[bytes] = []
+    offset, index = head, 0
+    while offset + _LENGTH.size <= len(data):
+        (length,) = _LENGTH.unpack_from(data, offset)
+        offset += _LENGTH.size
+        if offset + length > len(data):
+            break
+        if keep is None or index in keep:
+            entries.append(data[offset : offset + length])
+        offset += length
+        index += 1
+    if keep is not None and len(entries) < len(keep):
+        raise BenchError(f"{path}: holds {index} entries, a shard needs index {max(keep)}")
+    return generation, entries
+
+
+def _write(path: Path, generation: bytes, entries: Sequence[bytes]) -> None:
+    """Replace the file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    with temporary.open("wb") as handle:
+        handle.write(_MAGIC + generation)
+        for entry in entries:
+            handle.write(_LENGTH.pack(len(entry)))
+            handle.write(entry)
+    os.replace(temporary, path)
+
+
+Maker = Callable[[int, int], list[bytes]]
+
+
+def _parallel(part: Callable[[int, int], Maker], start: int, stop: int) -> list[bytes]:
+    """Entries start..stop-1; `part(a, b)` gives a picklable maker of entries a..b-1.
+
+    Enough entries are made by one process per core, in chunks.
+    """
+    processes = os.cpu_count() or 1
+    if processes == 1 or stop - start < 64:
+        return part(start, stop)(start, stop)
+    step = -(-(stop - start) // (processes * 4))
+    with ProcessPoolExecutor(processes) as pool:
+        bounds = [(a, min(a + step, stop)) for a in range(start, stop, step)]
+        futures = [pool.submit(part(a, b), a, b) for a, b in bounds]
+        return [entry for future in futures for entry in future.result()]
+
+
+# ---- keys ----
+
+
 def _secret(seed: int, index: int) -> bytes:
-    """The derivation input of key `index` under `seed`."""
     return hashlib.sha256(f"enrollbench-key/{seed}/{index}".encode()).digest()
 
 
@@ -56,128 +145,116 @@ def make_key(name: str, seed: int, index: int) -> bytes:
     return private_key_to_der(derive_private_key(spec, _secret(seed, index)))
 
 
-def _make_range(name: str, seed: int, start: int, stop: int) -> list[bytes]:
-    return [make_key(name, seed, index) for index in range(start, stop)]
+@dataclass(frozen=True, slots=True)
+class _KeyMaker:
+    name: str
+    seed: int
+
+    def __call__(self, start: int, stop: int) -> list[bytes]:
+        return [make_key(self.name, self.seed, index) for index in range(start, stop)]
 
 
-def _read(path: Path) -> list[bytes]:
-    keys: list[bytes] = []
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return keys
-    offset = 0
-    while offset + _LENGTH.size <= len(data):
-        (length,) = _LENGTH.unpack_from(data, offset)
-        offset += _LENGTH.size
-        if offset + length > len(data):
-            break  # a torn tail from an interrupted write: regenerate from here
-        keys.append(data[offset : offset + length])
-        offset += length
-    return keys
+def _key_path(cache: Path, name: str, seed: int) -> Path:
+    return cache / "keys" / f"{name}-seed{seed}.der"
 
 
-def _write(path: Path, keys: Sequence[bytes]) -> None:
-    """Replace the cache file atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    with temporary.open("wb") as handle:
-        for key in keys:
-            handle.write(_LENGTH.pack(len(key)))
-            handle.write(key)
-    os.replace(temporary, path)
-
-
-def load_keys(
-    name: str, seed: int, count: int, *, workers: int | None = None, cache: Path | None = None
-) -> list[bytes]:
+def load_keys(name: str, seed: int, count: int, *, cache: Path | None = None) -> list[bytes]:
     """`count` keys of type `name` for `seed`, from the cache or made in parallel and cached."""
+    return _load_keys(name, seed, count, cache or cache_directory())[1]
+
+
+def _load_keys(name: str, seed: int, count: int, cache: Path) -> tuple[bytes, list[bytes]]:
     key_spec(name)
-    path = (cache or cache_directory()) / "keys" / f"{name}-seed{seed}.der"
-    keys = _read(path)
+    path = _key_path(cache, name, seed)
+    generation, keys = _read(path)
     if len(keys) >= count:
-        return keys[:count]
-    missing = range(len(keys), count)
-    processes = max(1, workers or os.cpu_count() or 1)
-    if processes == 1 or len(missing) < 64:
-        keys.extend(_make_range(name, seed, missing.start, missing.stop))
-    else:
-        step = -(-len(missing) // (processes * 4))
-        bounds = [
-            (s, min(s + step, missing.stop)) for s in range(missing.start, missing.stop, step)
+        return generation, keys[:count]
+    generation = generation or os.urandom(_GENERATION)
+    maker = _KeyMaker(name, seed)
+    keys += _parallel(lambda _a, _b: maker, len(keys), count)
+    _write(path, generation, keys)
+    return generation, keys
+
+
+# ---- requests and protected keys ----
+
+
+@dataclass(frozen=True, slots=True)
+class _RequestMaker:
+    name: str
+    hash_name: str
+    seed: int
+    keys: Sequence[bytes]
+
+    def __call__(self, start: int, stop: int) -> list[bytes]:
+        template = RequestTemplate(key_spec(self.name).family)
+        requests = []
+        for index in range(start, stop):
+            user = simulated_enrollee(index, self.seed).user
+            signer = Signer(load_private_key(self.keys[index - start]), self.hash_name)
+            requests.append(template.build(signer, RequestContent(user.dn, user.email, user.upn)))
+        return requests
+
+
+@dataclass(frozen=True, slots=True)
+class _Protector:
+    seed: int
+    keys: Sequence[bytes]
+
+    def __call__(self, start: int, stop: int) -> list[bytes]:
+        return [
+            encrypt_private_key(
+                load_private_key(self.keys[index - start]),
+                simulated_enrollee(index, self.seed).device_secret,
+            )
+            for index in range(start, stop)
         ]
-        with ProcessPoolExecutor(processes) as pool:
-            futures = [pool.submit(_make_range, name, seed, a, b) for a, b in bounds]
-            for future in futures:
-                keys.extend(future.result())
-    _write(path, keys)
-    return keys
 
 
-def load_requests(
-    name: str,
-    hash_name: str,
-    seed: int,
-    keys: Sequence[bytes],
-    *,
-    cache: Path | None = None,
-) -> list[bytes]:
-    """Ready-made PKCS #10 requests, one per key, for users 0..n-1 of `seed`; cached on disk.
+def _paths(cache: Path, spec: CorpusSpec, generation: bytes) -> tuple[Path, Path]:
+    tag = generation.hex()
+    return (
+        cache / "requests" / f"{spec.key}-{spec.hash_name}-seed{spec.seed}-{tag}.der",
+        cache / "protected" / f"{spec.key}-seed{spec.seed}-{tag}.der",
+    )
 
-    The cache file is named by a digest of the keys, so a regenerated key corpus never meets
-    stale requests.
+
+def _extend(
+    path: Path, generation: bytes, keys: Sequence[bytes], part: Callable[[int, int], Maker]
+) -> None:
+    """Make the entries the file lacks, one per key."""
+    _, entries = _read(path)
+    if len(entries) < len(keys):
+        _write(path, generation, entries + _parallel(part, len(entries), len(keys)))
+
+
+def build_corpus(spec: CorpusSpec, cache: Path | None = None) -> None:
+    """Make sure the cache holds keys, requests and (if asked) protected keys for `spec`."""
+    folder = cache or cache_directory()
+    generation, keys = _load_keys(spec.key, spec.seed, spec.devices, folder)
+    requests, protected = _paths(folder, spec, generation)
+    _extend(
+        requests,
+        generation,
+        keys,
+        lambda a, b: _RequestMaker(spec.key, spec.hash_name, spec.seed, keys[a:b]),
+    )
+    if spec.protect:
+        _extend(protected, generation, keys, lambda a, b: _Protector(spec.seed, keys[a:b]))
+
+
+def read_corpus(
+    spec: CorpusSpec, indices: Sequence[int], cache: Path | None = None
+) -> list[tuple[bytes, bytes, bytes]]:
+    """(key, request, protected key) for each device index, from a corpus `build_corpus` made.
+
+    Without protection the protected key is the plain PKCS #8 key, as step 5 would store it.
     """
-    digest = hashlib.sha256(b"".join(keys)).hexdigest()[:16]
-    path = (cache or cache_directory()) / "requests" / f"{name}-{hash_name}-seed{seed}-{digest}.der"
-    requests = _read(path)
-    if len(requests) >= len(keys):
-        return requests[: len(keys)]
-    template = RequestTemplate(key_spec(name).family)
-    for index in range(len(requests), len(keys)):
-        user = simulated_enrollee(index, seed).user
-        signer = Signer(load_private_key(keys[index]), hash_name)
-        requests.append(template.build(signer, RequestContent(user.dn, user.email, user.upn)))
-    _write(path, requests)
-    return requests
-
-
-def _protect_range(keys: Sequence[bytes], secrets: Sequence[bytes]) -> list[bytes]:
-    return [
-        encrypt_private_key(load_private_key(key), secret)
-        for key, secret in zip(keys, secrets, strict=True)
-    ]
-
-
-def load_protected_keys(
-    seed: int,
-    keys: Sequence[bytes],
-    *,
-    workers: int | None = None,
-    cache: Path | None = None,
-) -> list[bytes]:
-    """Each key encrypted as PKCS #8 under its device's secret (step 5, made ahead); cached.
-
-    Encryption costs ~0.3 ms a key, so large corpora are made by several processes.
-    """
-    digest = hashlib.sha256(b"".join(keys)).hexdigest()[:16]
-    path = (cache or cache_directory()) / "protected" / f"seed{seed}-{digest}.der"
-    protected = _read(path)
-    if len(protected) >= len(keys):
-        return protected[: len(keys)]
-    todo = list(range(len(protected), len(keys)))
-    secrets = [simulated_enrollee(i, seed).device_secret for i in todo]
-    pending = [keys[i] for i in todo]
-    processes = max(1, workers or os.cpu_count() or 1)
-    if processes == 1 or len(todo) < 256:
-        protected.extend(_protect_range(pending, secrets))
-    else:
-        step = -(-len(todo) // (processes * 4))
-        with ProcessPoolExecutor(processes) as pool:
-            futures = [
-                pool.submit(_protect_range, pending[i : i + step], secrets[i : i + step])
-                for i in range(0, len(todo), step)
-            ]
-            for future in futures:
-                protected.extend(future.result())
-    _write(path, protected)
-    return protected
+    folder = cache or cache_directory()
+    generation, keys = _read(_key_path(folder, spec.key, spec.seed), indices)
+    if not generation:
+        raise BenchError(f"no key corpus for {spec.key} seed {spec.seed}: build it first")
+    requests_path, protected_path = _paths(folder, spec, generation)
+    _, requests = _read(requests_path, indices)
+    protected = _read(protected_path, indices)[1] if spec.protect else keys
+    return list(zip(keys, requests, protected, strict=True))

@@ -19,7 +19,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from bench.corpus import load_keys, load_protected_keys, load_requests
+from bench.corpus import CorpusSpec, build_corpus, load_keys
 from bench.errors import BenchError
 from bench.profile import Profile
 from bench.shard import ShardPlan, ShardResult, shard_main
@@ -55,7 +55,7 @@ class RunOutput:
 
 
 ProgressSink = Callable[[dict[int, dict[str, int]]], None]
-ShardTarget = Callable[[ShardPlan, Connection, bool], None]
+ShardTarget = Callable[[Connection, bool], None]
 
 
 def resolve_workers(profile: Profile, override: int | None) -> int:
@@ -63,26 +63,28 @@ def resolve_workers(profile: Profile, override: int | None) -> int:
     return requested or (os.cpu_count() or 1)
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceCorpus:
-    """Precomputed device crypto, aligned by device index."""
-
-    keys: list[bytes]
-    requests: list[bytes]
-    protected: list[bytes]
-
-
-def _corpus(profile: Profile) -> DeviceCorpus | None:
-    """Keys, requests and protected keys when the profile asks for precomputed device crypto."""
+def corpus_spec(profile: Profile) -> CorpusSpec | None:
+    """The corpus a profile needs, or None for live device crypto."""
     if profile.get("device", "crypto") != "precomputed":
         return None
-    seed = profile.get("", "seed")
-    key = profile.get("device", "key")
-    keys = load_keys(key, seed, int(profile.get("load", "devices")))
-    requests = load_requests(key, profile.get("ca", "hash"), seed, keys)
-    if profile.get("device", "key_protection") == "none":
-        return DeviceCorpus(keys, requests, keys)
-    return DeviceCorpus(keys, requests, load_protected_keys(seed, keys))
+    return CorpusSpec(
+        profile.get("device", "key"),
+        profile.get("ca", "hash"),
+        profile.get("", "seed"),
+        int(profile.get("load", "devices")),
+        profile.get("device", "key_protection") != "none",
+    )
+
+
+def _prepare_corpus(spec: CorpusSpec | None) -> None:
+    """Build the corpus in a child process, so this one never holds it (shards read theirs)."""
+    if spec is None:
+        return
+    process = multiprocessing.get_context("spawn").Process(target=build_corpus, args=(spec,))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise BenchError(f"building the device corpus failed (exit code {process.exitcode})")
 
 
 def _material(profile: Profile) -> CAMaterial:
@@ -95,7 +97,7 @@ def _plans(
     profile: Profile,
     workers: int,
     material: CAMaterial,
-    corpus: DeviceCorpus | None,
+    corpus: CorpusSpec | None,
     options: RunOptions,
 ) -> list[ShardPlan]:
     devices = int(profile.get("load", "devices"))
@@ -112,9 +114,7 @@ def _plans(
                 profile=profile,
                 material=material,
                 device_indices=mine,
-                corpus=None
-                if corpus is None
-                else tuple((corpus.keys[i], corpus.requests[i], corpus.protected[i]) for i in mine),
+                corpus=corpus,
                 artifacts_sample=-(-sample // workers),
             )
         )
@@ -133,10 +133,11 @@ class _Fleet:
         for plan in plans:
             parent, child = context.Pipe()
             process = context.Process(
-                target=target, args=(plan, child, use_uvloop), name=f"shard-{plan.index}"
+                target=target, args=(child, use_uvloop), name=f"shard-{plan.index}"
             )
             process.start()
             child.close()
+            parent.send(plan)
             self.channels[plan.index] = parent
             self.processes[plan.index] = process
 
@@ -247,11 +248,11 @@ def execute(
     `target` is the shard process's entry point (tests pass one that dies on purpose).
     """
     began = time.perf_counter()
-    corpus = _corpus(profile)
+    corpus = corpus_spec(profile)
+    _prepare_corpus(corpus)
     material = _material(profile)
     corpus_s = time.perf_counter() - began
-    plans = _plans(profile, workers, material, corpus, options)
-    fleet = _Fleet(plans, options.use_uvloop, target)
+    fleet = _Fleet(_plans(profile, workers, material, corpus, options), options.use_uvloop, target)
     try:
         fleet.wait_ready()
         startup_s = time.perf_counter() - began - corpus_s

@@ -17,13 +17,14 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.corpus import CorpusSpec, read_corpus
 from bench.histogram import Histogram
 from bench.profile import Profile
 from bench.schedule import arrival_offsets, arrivals_within
@@ -51,9 +52,7 @@ class ShardPlan:
     profile: Profile
     material: CAMaterial
     device_indices: tuple[int, ...]
-    corpus: tuple[tuple[bytes, bytes, bytes], ...] | None = field(
-        repr=False
-    )  # key, request, protected
+    corpus: CorpusSpec | None  # precomputed device crypto: the shard reads its part
     artifacts_sample: int = 0
 
 
@@ -194,7 +193,7 @@ class Shard:
         self.system = EnrollmentSystem(
             self.config, plan.material, [directory_entry(e, seed, iterations) for e in enrollees]
         )
-        corpus = plan.corpus
+        corpus = None if plan.corpus is None else read_corpus(plan.corpus, plan.device_indices)
         self.identities = [
             device_identity(e, self.config.profile_id)
             if corpus is None
@@ -374,8 +373,9 @@ def _calibrate() -> int:
     return (time.thread_time_ns() - began) // rounds
 
 
-def shard_main(plan: ShardPlan, channel: Connection, use_uvloop: bool) -> None:
-    """Entry point of a shard process."""
+def shard_main(channel: Connection, use_uvloop: bool) -> None:
+    """Entry point of a shard process: its plan arrives first on the channel."""
+    plan: ShardPlan = channel.recv()
     with tempfile.TemporaryDirectory(prefix="enrollbench-shard-") as directory:
         shard = Shard(plan, directory)
         # The replica and corpus live for the whole run: move them out of the collector's way,

@@ -122,9 +122,7 @@ class Device:
 
     async def install(self, certificate: bytes) -> None:
         """Step 14: add the certificate and private key to the key store."""
-        await self._stores[1].install(
-            self.identity.device_id, certificate, self._protected_key, self.chain
-        )
+        await self._stores[1].install(self.identity.device_id, certificate, self._protected_key)
 
     def _require_signer(self) -> Signer:
         if self._signer is None:

@@ -33,8 +33,7 @@ CREATE TABLE IF NOT EXISTS persistent_store (
     device_id TEXT NOT NULL, protected_key BLOB NOT NULL, dn TEXT NOT NULL,
     profile_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS key_store (
-    device_id TEXT NOT NULL, certificate BLOB NOT NULL, protected_key BLOB NOT NULL,
-    chain BLOB NOT NULL);
+    device_id TEXT NOT NULL, certificate BLOB NOT NULL, protected_key BLOB NOT NULL);
 """
 
 _FLUSH_EVERY = 512
@@ -125,11 +124,9 @@ class PersistentStore(Protocol):
 
 
 class KeyStore(Protocol):
-    """The device's key store: certificate, private key and chain (step 14)."""
+    """The device's key store: certificate and private key (step 14)."""
 
-    async def install(
-        self, device_id: str, certificate: bytes, protected_key: bytes, chain: bytes
-    ) -> None: ...
+    async def install(self, device_id: str, certificate: bytes, protected_key: bytes) -> None: ...
 
 
 class SqliteUsers:
@@ -234,10 +231,7 @@ class SqliteDeviceStores:
             (device_id, protected_key, dn, profile_id),
         )
 
-    async def install(
-        self, device_id: str, certificate: bytes, protected_key: bytes, chain: bytes
-    ) -> None:
+    async def install(self, device_id: str, certificate: bytes, protected_key: bytes) -> None:
         self._db.write(
-            "INSERT INTO key_store VALUES (?, ?, ?, ?)",
-            (device_id, certificate, protected_key, chain),
+            "INSERT INTO key_store VALUES (?, ?, ?)", (device_id, certificate, protected_key)
         )

@@ -82,13 +82,30 @@ def test_administrator_rejections_are_accounted() -> None:
     assert outcomes["issued"] + outcomes["rejected"]["administrator-rejected"] == 60
 
 
-def _dying_shard(plan: ShardPlan, channel: Connection, use_uvloop: bool) -> None:
+class _Replay:
+    """A channel whose first message was already read (the plan), then the real one."""
+
+    def __init__(self, plan: ShardPlan, channel: Connection) -> None:
+        self.plan, self.channel, self.first = plan, channel, True
+
+    def recv(self) -> object:
+        if self.first:
+            self.first = False
+            return self.plan
+        return self.channel.recv()
+
+    def send(self, message: object) -> None:
+        self.channel.send(message)
+
+
+def _dying_shard(channel: Connection, use_uvloop: bool) -> None:
     """Shard 1 dies right after the start signal; the others run normally."""
+    plan: ShardPlan = channel.recv()
     if plan.index == 1:
         channel.send(("ready", plan.index))
         channel.recv()
         os._exit(3)
-    shard_main(plan, channel, use_uvloop)
+    shard_main(_Replay(plan, channel), use_uvloop)  # type: ignore[arg-type]
 
 
 def test_dead_worker_counts_its_devices_as_failed() -> None:

@@ -49,14 +49,15 @@ def test_steps_run_in_the_seeds_order(make_system: SystemFactory) -> None:
 
 
 def test_issued_device_has_certificate_in_key_store(make_system: SystemFactory) -> None:
-    """Step 14 stores the certificate that step 11 published, with statuses on the way."""
+    """Step 14 stores the certificate step 11 published; step 9 delivered the chain."""
     system, users = make_system(1)
     device = system.device(device_of(users[0]))
     outcome = asyncio.run(enroll(device, system.connection, system.enterprise, system._link))
     published = asyncio.run(system.directory.retrieve(users[0].user.dn.text, outcome.serial or 0))
     system.database.flush()
-    row = system.database.read_one("SELECT certificate, chain FROM key_store", ())
-    assert row == (published, system.authority.chain_der)
+    row = system.database.read_one("SELECT certificate FROM key_store", ())
+    assert row == (published,)
+    assert device.chain == system.authority.chain_der
     assert device.statuses == ["submitted", "issued"]
 
 
