@@ -87,7 +87,7 @@ def _prepare_corpus(spec: CorpusSpec | None) -> None:
         raise BenchError(f"building the device corpus failed (exit code {process.exitcode})")
 
 
-def _material(profile: Profile) -> CAMaterial:
+def ca_material(profile: Profile) -> CAMaterial:
     config = profile.engine_config()
     ders = load_keys(config.ca_key, CA_KEY_SEED, config.ca_intermediates + 2)
     return CAMaterial.create(config, [load_private_key(der) for der in ders])
@@ -250,7 +250,7 @@ def execute(
     began = time.perf_counter()
     corpus = corpus_spec(profile)
     _prepare_corpus(corpus)
-    material = _material(profile)
+    material = ca_material(profile)
     corpus_s = time.perf_counter() - began
     fleet = _Fleet(_plans(profile, workers, material, corpus, options), options.use_uvloop, target)
     try:

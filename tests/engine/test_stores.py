@@ -51,3 +51,15 @@ def test_users_round_trip_and_unknown_users_fail() -> None:
         asyncio.run(directory.lookup_user("nobody"))
     with pytest.raises(AuthenticationError):
         asyncio.run(directory.verifier("nobody"))
+
+
+def test_entry_cache_is_bounded_and_keeps_recent_entries() -> None:
+    """The entry cache never holds more than its size and serves the entries it has."""
+    database = Database()
+    directory = SqliteDirectory(database)
+    directory.ENTRY_CACHE = 3
+    enrollees = [simulated_enrollee(i, 1) for i in range(5)]
+    directory.seed([directory_entry(e, 1) for e in enrollees])
+    for enrollee in enrollees:
+        assert asyncio.run(directory.lookup_user(enrollee.user.user_id)) == enrollee.user
+    assert list(directory._entries) == [e.user.user_id for e in enrollees[2:]]
