@@ -7,18 +7,29 @@ where all should be, unaccounted devices); 2 usage or input error (a one-line me
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from bench import capacity
+from bench.compare import compare
 from bench.errors import AccountingError, BenchError, UsageError
-from bench.profile import load_profile
+from bench.profile import load_profile, shipped_profiles
 from bench.progress import LiveProgress, print_summary
-from bench.results import build_result, check_accounting, check_writable, write_result
+from bench.results import (
+    SCHEMA_VERSION,
+    build_result,
+    check_accounting,
+    check_writable,
+    write_result,
+)
 from bench.runner import RunOptions, execute, resolve_workers, write_artifacts
+from bench.suite import load_suite
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +66,12 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
 def _default_out(profile_name: str, kind: str = "") -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return Path("results") / f"{profile_name}{kind}-{stamp}.json"
+    return Path("results") / f"{profile_name}{kind}-{_stamp()}.json"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -118,6 +132,71 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _profiles(args: argparse.Namespace) -> int:
+    console = Console(width=max(Console().width, 120))
+    if args.action == "list":
+        for path in shipped_profiles():
+            profile = load_profile(str(path))
+            console.print(f"{profile.name:24} {profile.get('', 'description')}", highlight=False)
+        return 0
+    if args.action == "show":
+        if len(args.names) != 1:
+            raise UsageError("profiles show takes one profile name")
+        profile = load_profile(args.names[0], list(args.set))
+        console.print_json(json.dumps(profile.as_dict()))
+        return 0
+    if not args.names:
+        raise UsageError("profiles validate takes one or more paths")
+    failures = 0
+    for name in args.names:
+        try:
+            load_profile(name)
+            console.print(f"ok: {name}", highlight=False)
+        except BenchError as exc:
+            failures += 1
+            print(f"enrollbench: error: {exc}", file=sys.stderr)
+    return 2 if failures else 0
+
+
+def _suite(args: argparse.Namespace) -> int:
+    suite = load_suite(args.suite)
+    out = args.out or Path("results") / f"suite-{suite.name}-{_stamp()}"
+    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out / "index.json")
+    entries = []
+    for name in suite.profiles:
+        profile = load_profile(name, [*suite.overrides, *args.set])
+        workers = resolve_workers(profile, args.workers)
+        with LiveProgress(profile, enabled=not args.quiet) as display:
+            output = execute(profile, workers, RunOptions(workers), display.update)
+        result = build_result(profile, workers, output)
+        path = out / f"{profile.name}.json"
+        write_result(path, result)
+        print_summary(result, path, quiet=True)
+        check_accounting(result)
+        entries.append({"profile": profile.name, "result": path.name})
+        if output.interrupted:
+            break
+    write_result(
+        out / "index.json",
+        {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "suite",
+            "suite": suite.name,
+            "description": suite.description,
+            "rules": [str(rule) for rule in suite.rules],
+            "results": entries,
+        },
+    )
+    Console().print(f"suite {suite.name}: {len(entries)} results in {out}", highlight=False)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    compare(args.results, args.format, Console(width=max(Console().width, 120)))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="enrollbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -127,6 +206,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--artifacts-sample", type=int, default=0, help="certificates to write (0: all)"
     )
+    profiles = commands.add_parser("profiles", help="list, show or validate profiles")
+    profiles.add_argument("action", choices=["list", "show", "validate"])
+    profiles.add_argument("names", nargs="*", help="a profile name (show) or paths (validate)")
+    profiles.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    suite = commands.add_parser("suite", help="run every profile of a suite")
+    suite.add_argument("suite", help="a shipped suite (profiles/suites/) or a .toml path")
+    suite.add_argument("--out", type=Path, help="folder for the results and index.json")
+    suite.add_argument("--workers", type=int)
+    suite.add_argument("--quiet", action="store_true")
+    suite.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    comparison = commands.add_parser("compare", help="compare results side by side")
+    comparison.add_argument("results", nargs="+", type=Path, help="baseline first")
+    comparison.add_argument("--format", choices=["table", "markdown", "json"], default="table")
     cap = commands.add_parser("capacity", help="highest open-loop rate that meets an SLO")
     cap.add_argument("profile")
     cap.add_argument("--slo", required=True, help="e.g. p99=200ms (p50, p90, p99, p99.9)")
@@ -144,7 +236,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    handlers: dict[str, Any] = {"run": _run, "capacity": _capacity}
+    handlers: dict[str, Any] = {
+        "run": _run,
+        "capacity": _capacity,
+        "profiles": _profiles,
+        "suite": _suite,
+        "compare": _compare,
+    }
     try:
         code: int = handlers[args.command](args)
     except AccountingError as exc:
