@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import capacity
+from bench import capacity, gate
 from bench.compare import compare
 from bench.errors import AccountingError, BenchError, UsageError
 from bench.profile import load_profile, shipped_profiles
@@ -29,7 +29,7 @@ from bench.results import (
     write_result,
 )
 from bench.runner import RunOptions, execute, resolve_workers, write_artifacts
-from bench.suite import load_suite
+from bench.suite import load_suite, rules_from
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +197,37 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gate(args: argparse.Namespace) -> int:
+    suite = load_suite(args.suite) if args.suite else None
+    rules = rules_from(args.rule, suite)
+    layers = [layer.strip() for layer in args.layers.split(",") if layer.strip()]
+    unknown = set(layers) - {"instructions", "ab", "stored"}
+    if unknown or not layers:
+        raise UsageError(f"--layers: choose from instructions, ab, stored (got {args.layers!r})")
+    if "stored" in layers and (args.stored is None or args.result is None):
+        raise UsageError("the stored layer needs --stored BASELINE.json and --result RUN.json")
+    verdicts = []
+    if "stored" in layers:
+        verdicts.append(gate.stored_layer(args.stored, args.result, rules, args.strict))
+    code_layers = [layer for layer in layers if layer != "stored"]
+    if code_layers:
+        current = gate.repository_root(args.current or Path.cwd())
+        with gate.worktree(current, args.baseline) as baseline:
+            for tree in (baseline, current):
+                gate.prepare(tree)
+            if "instructions" in code_layers:
+                limit = gate.limit_for(rules, "instructions", 0.02)
+                verdicts.append(gate.instructions_layer(baseline, current, limit))
+            if "ab" in code_layers:
+                drop = gate.limit_for(rules, "throughput", 0.05)
+                verdicts.append(gate.ab_layer(baseline, current, 1 / (1 - drop) - 1, args.budget))
+    for verdict in verdicts:
+        print(f"{verdict.layer}: {verdict.word}: {verdict.summary}")
+    code = gate.overall(verdicts)
+    print(f"gate: {['pass', 'REGRESSION', '', 'inconclusive'][code]}")
+    return code
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="enrollbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -219,6 +250,18 @@ def _parser() -> argparse.ArgumentParser:
     comparison = commands.add_parser("compare", help="compare results side by side")
     comparison.add_argument("results", nargs="+", type=Path, help="baseline first")
     comparison.add_argument("--format", choices=["table", "markdown", "json"], default="table")
+    gating = commands.add_parser(
+        "gate", help="fail CI on a regression (exit 0 pass, 1 regression, 2 error, 3 inconclusive)"
+    )
+    gating.add_argument("--baseline", default="HEAD", help="git ref to compare against")
+    gating.add_argument("--current", type=Path, help="the tree to judge (default: this repo)")
+    gating.add_argument("--layers", default="instructions,ab", help="instructions,ab,stored")
+    gating.add_argument("--rule", action="append", default=[], help="e.g. instructions:+2%%")
+    gating.add_argument("--suite", help="take the rules from this suite")
+    gating.add_argument("--budget", type=float, default=60.0, help="seconds for the A/B layer")
+    gating.add_argument("--stored", type=Path, help="stored baseline result (stored layer)")
+    gating.add_argument("--result", type=Path, help="result to judge (stored layer)")
+    gating.add_argument("--strict", action="store_true", help="stored layer fails, not warns")
     cap = commands.add_parser("capacity", help="highest open-loop rate that meets an SLO")
     cap.add_argument("profile")
     cap.add_argument("--slo", required=True, help="e.g. p99=200ms (p50, p90, p99, p99.9)")
@@ -242,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "profiles": _profiles,
         "suite": _suite,
         "compare": _compare,
+        "gate": _gate,
     }
     try:
         code: int = handlers[args.command](args)

@@ -1,0 +1,174 @@
+"""The CI gate: A against A passes; ~10% extra CPU in issuance fails layers 1 and 2."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import gate
+from bench.errors import UsageError
+from bench.suite import parse_rule
+from tests.conftest import require_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+SLOW_ISSUE = """
+
+_original_issue = CertificationAuthority.issue
+
+
+def _slow_issue(self: CertificationAuthority, request: ParsedRequest, user: User) -> Issued:
+    issued = _original_issue(self, request, user)
+    sum(i * i for i in range(300))  # about 10% more CPU per enrollment
+    return issued
+
+
+CertificationAuthority.issue = _slow_issue  # type: ignore[method-assign]
+"""
+
+
+@pytest.fixture
+def clone(tmp_path: Path) -> Path:
+    """A clone of this repository at HEAD: the gate's current tree, HEAD its baseline."""
+    require_tool("git")
+    target = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
+    return target
+
+
+def _gate(clone: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.cli",
+            "gate",
+            "--baseline",
+            "HEAD",
+            "--current",
+            str(clone),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=900,
+    )
+
+
+def test_a_against_a_passes(clone: Path) -> None:
+    """The same code on both sides passes both layers."""
+    require_tool("valgrind")
+    done = _gate(clone, "--budget", "90")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "instructions: pass" in done.stdout and "ab: pass" in done.stdout
+
+
+def test_extra_work_in_issuance_fails_both_layers(clone: Path) -> None:
+    """About 10% more CPU in CertificationAuthority.issue is a regression on layers 1 and 2."""
+    require_tool("valgrind")
+    with (clone / "engine" / "ca.py").open("a") as handle:
+        handle.write(SLOW_ISSUE)
+    done = _gate(clone, "--budget", "90")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "instructions: REGRESSION" in done.stdout
+    assert "ab: REGRESSION" in done.stdout
+
+
+def test_repeated_counts_agree(clone: Path) -> None:
+    """Two instruction counts of the same tree agree to better than 0.1%."""
+    require_tool("valgrind")
+    gate.prepare(clone)
+    first = gate.instructions_per_enrollment(clone)
+    second = gate.instructions_per_enrollment(clone)
+    assert abs(first / second - 1) < 0.001
+
+
+def test_unknown_ref_is_exit_2(clone: Path) -> None:
+    """A baseline ref that does not exist is a one-line error and exit code 2."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.cli",
+            "gate",
+            "--baseline",
+            "no-such-ref",
+            "--current",
+            str(clone),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert "git ref 'no-such-ref' does not exist" in done.stderr
+
+
+def test_outside_git_is_a_usage_error(tmp_path: Path) -> None:
+    """The code layers need a git repository."""
+    with pytest.raises(UsageError, match="not inside a git repository"):
+        gate.repository_root(tmp_path)
+
+
+def test_missing_valgrind_is_a_usage_error(clone: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without valgrind the instruction layer says so and how to get it."""
+    monkeypatch.setattr("shutil.which", lambda _name: None)
+    with pytest.raises(UsageError, match="apt-get install valgrind"):
+        gate.instructions_per_enrollment(clone)
+
+
+def _result_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """A real smoke result and a copy whose throughput halved."""
+    stored = tmp_path / "stored.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.cli",
+            "run",
+            "smoke",
+            "--quiet",
+            "--duration",
+            "2",
+            "--out",
+            str(stored),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    data = json.loads(stored.read_text())
+    slower = copy.deepcopy(data)
+    slower["throughput"]["enrollments_per_s"] /= 2
+    slower["throughput"]["series"]["completed"] = [
+        v // 2 for v in data["throughput"]["series"]["completed"]
+    ]
+    current = tmp_path / "current.json"
+    current.write_text(json.dumps(slower))
+    return stored, current
+
+
+def test_stored_baseline_warns_unless_strict(tmp_path: Path) -> None:
+    """Against a stored baseline a regression is a warning by default, a failure with --strict."""
+    stored, current = _result_pair(tmp_path)
+    rules = [parse_rule("throughput:-5%")]
+    warning = gate.stored_layer(stored, current, rules, strict=False)
+    assert warning.code == gate.PASS and "warning only" in warning.summary
+    strict = gate.stored_layer(stored, current, rules, strict=True)
+    assert strict.code == gate.REGRESSION and "throughput -50.0%" in strict.summary
+
+
+def test_overall_prefers_regression_then_inconclusive() -> None:
+    """A regression anywhere fails; otherwise an inconclusive layer is inconclusive."""
+    verdicts = [gate.Verdict("a", gate.PASS, ""), gate.Verdict("b", gate.INCONCLUSIVE, "")]
+    assert gate.overall(verdicts) == gate.INCONCLUSIVE
+    assert gate.overall([*verdicts, gate.Verdict("c", gate.REGRESSION, "")]) == gate.REGRESSION
