@@ -16,9 +16,10 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import capacity, gate
+from bench import capacity, gate, report
 from bench.compare import compare
-from bench.errors import AccountingError, BenchError, UsageError
+from bench.errors import AccountingError, BenchError, ResultError, UsageError
+from bench.export import to_pytest_benchmark
 from bench.profile import load_profile, shipped_profiles
 from bench.progress import LiveProgress, print_summary
 from bench.results import (
@@ -26,6 +27,7 @@ from bench.results import (
     build_result,
     check_accounting,
     check_writable,
+    read_result,
     write_result,
 )
 from bench.runner import RunOptions, execute, resolve_workers, write_artifacts
@@ -228,6 +230,32 @@ def _gate(args: argparse.Namespace) -> int:
     return code
 
 
+def _report(args: argparse.Namespace) -> int:
+    if args.html is None and args.png is None:
+        raise UsageError("report: give --html OUT.html and/or --png DIR")
+    result = read_result(args.result)
+    if result.get("kind") != "run":
+        raise ResultError(f"{args.result}: report reads run results")
+    images = report.render(result)
+    if args.png is not None:
+        for path in report.write_pngs(images, args.png):
+            print(path)
+    if args.html is not None:
+        report.write_html(result, images, args.html)
+        print(args.html)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    result = read_result(args.result)
+    if result.get("kind") != "run":
+        raise ResultError(f"{args.result}: export reads run results")
+    check_writable(args.out)
+    write_result(args.out, to_pytest_benchmark(result))
+    print(args.out)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="enrollbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -262,6 +290,14 @@ def _parser() -> argparse.ArgumentParser:
     gating.add_argument("--stored", type=Path, help="stored baseline result (stored layer)")
     gating.add_argument("--result", type=Path, help="result to judge (stored layer)")
     gating.add_argument("--strict", action="store_true", help="stored layer fails, not warns")
+    reporting = commands.add_parser("report", help="figures of a run: HTML and PNG")
+    reporting.add_argument("result", type=Path)
+    reporting.add_argument("--html", type=Path, help="one self-contained HTML file")
+    reporting.add_argument("--png", type=Path, help="a folder for the PNG figures")
+    exporting = commands.add_parser("export", help="a run as pytest-benchmark JSON")
+    exporting.add_argument("result", type=Path)
+    exporting.add_argument("--out", type=Path, required=True)
+    exporting.add_argument("--format", choices=["pytest-benchmark"], default="pytest-benchmark")
     cap = commands.add_parser("capacity", help="highest open-loop rate that meets an SLO")
     cap.add_argument("profile")
     cap.add_argument("--slo", required=True, help="e.g. p99=200ms (p50, p90, p99, p99.9)")
@@ -286,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "suite": _suite,
         "compare": _compare,
         "gate": _gate,
+        "report": _report,
+        "export": _export,
     }
     try:
         code: int = handlers[args.command](args)

@@ -1,0 +1,110 @@
+"""Export a run result in pytest-benchmark's JSON format, for CI charting that reads it.
+
+Each histogram becomes one benchmark (`end_to_end`, then one per step, grouped under the
+profile), its statistics in seconds as pytest-benchmark writes them; `ops` is throughput for
+the `throughput` entry and 1/mean for latencies, as pytest-benchmark defines it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from bench.histogram import Histogram, bucket_upper
+
+
+def _quartiles(histogram: Histogram) -> tuple[float, float, float]:
+    return tuple(histogram.percentile(p) / 1e6 for p in (25.0, 50.0, 75.0))  # type: ignore[return-value]
+
+
+def _stddev(histogram: Histogram) -> float:
+    nonzero = np.nonzero(histogram.counts)[0]
+    if nonzero.size == 0:
+        return 0.0
+    values = np.minimum(bucket_upper(nonzero), histogram.max).astype(np.float64)
+    weights = histogram.counts[nonzero].astype(np.float64)
+    mean = float(np.average(values, weights=weights))
+    return float(np.sqrt(np.average((values - mean) ** 2, weights=weights))) / 1e6
+
+
+def _stats(histogram: Histogram) -> dict[str, Any]:
+    count = histogram.count
+    mean = histogram.total / count / 1e6 if count else 0.0
+    q1, median, q3 = _quartiles(histogram)
+    iqr = q3 - q1
+    return {
+        "min": histogram.min / 1e6 if count else 0.0,
+        "max": histogram.max / 1e6,
+        "mean": mean,
+        "stddev": _stddev(histogram),
+        "rounds": count,
+        "median": median,
+        "iqr": iqr,
+        "q1": q1,
+        "q3": q3,
+        "iqr_outliers": 0,
+        "stddev_outliers": 0,
+        "outliers": "0;0",
+        "ld15iqr": max(q1 - 1.5 * iqr, histogram.min / 1e6),
+        "hd15iqr": min(q3 + 1.5 * iqr, histogram.max / 1e6),
+        "ops": 1.0 / mean if mean else 0.0,
+        "total": histogram.total / 1e6,
+        "iterations": 1,
+    }
+
+
+def _entry(group: str, name: str, stats: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "group": group,
+        "name": name,
+        "fullname": f"enrollbench::{group}::{name}",
+        "params": None,
+        "param": None,
+        "extra_info": {},
+        "options": {
+            "disable_gc": False,
+            "timer": "perf_counter_ns",
+            "min_rounds": 1,
+            "max_time": 0,
+            "min_time": 0,
+            "warmup": False,
+        },
+        "stats": dict(stats),
+    }
+
+
+def to_pytest_benchmark(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The result as a pytest-benchmark JSON document."""
+    manifest = result["manifest"]
+    group = manifest["profile"]
+    benchmarks = []
+    for name, encoded in result["histograms"].items():
+        if name in {"end_to_end.service", "schedule_lag"}:
+            continue
+        label = "end_to_end" if name == "end_to_end.latency" else name.removeprefix("step.")
+        histogram = Histogram.decode(encoded)
+        if histogram.count:
+            benchmarks.append(_entry(group, label, _stats(histogram)))
+    rate = float(result["throughput"]["enrollments_per_s"])
+    throughput = _entry(
+        group,
+        "throughput",
+        {**_stats(Histogram()), "ops": rate, "rounds": result["outcomes"]["issued"]},
+    )
+    return {
+        "machine_info": {
+            "node": "",
+            "processor": manifest["cpu_model"],
+            "machine": "",
+            "python_implementation": manifest["python_implementation"],
+            "python_version": manifest["python"],
+            "cpu": {"brand_raw": manifest["cpu_model"], "count": manifest["cpu_count"]},
+        },
+        "commit_info": {"id": manifest.get("git_commit") or "", "dirty": False},
+        "benchmarks": [throughput, *benchmarks],
+        "datetime": datetime.now(UTC).isoformat(),
+        "version": "5.2.3",
+    }

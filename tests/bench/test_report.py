@@ -1,0 +1,86 @@
+"""Reports and exports read result files only."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import report
+from bench.errors import UsageError
+from bench.export import to_pytest_benchmark
+from bench.results import read_result
+from tests.bench.conftest import ROOT
+
+
+def test_html_is_self_contained_with_every_figure(
+    two_results: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The HTML embeds the four figures as data URIs and links nothing else."""
+    result = read_result(two_results[0])
+    images = report.render(result)
+    assert set(images) == set(report.FIGURES)
+    assert all(data.startswith(b"\x89PNG") for data in images.values())
+    page = tmp_path / "r.html"
+    report.write_html(result, images, page)
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 4
+    assert "http" not in text
+
+
+def test_missing_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without matplotlib the report says which extra to install."""
+    real_import = builtins.__import__
+
+    def refuse(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", refuse)
+    with pytest.raises(UsageError, match=r"enrollbench\[plot\]"):
+        report.render({})
+
+
+def test_cli_writes_pngs(two_results: tuple[Path, Path], tmp_path: Path) -> None:
+    """report --png writes one PNG per figure."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.cli",
+            "report",
+            str(two_results[0]),
+            "--png",
+            str(tmp_path / "png"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.stem for p in (tmp_path / "png").glob("*.png")) == sorted(report.FIGURES)
+
+
+def test_pytest_benchmark_export_has_the_fields_chart_tools_read(
+    two_results: tuple[Path, Path],
+) -> None:
+    """Each entry has name, group and stats in seconds; throughput's ops is enrollments/s."""
+    result = read_result(two_results[0])
+    exported = to_pytest_benchmark(result)
+    names = [b["name"] for b in exported["benchmarks"]]
+    assert names[0] == "throughput" and "end_to_end" in names and "issue" in names
+    throughput = exported["benchmarks"][0]["stats"]["ops"]
+    assert throughput == result["throughput"]["enrollments_per_s"]
+    end_to_end = next(b for b in exported["benchmarks"] if b["name"] == "end_to_end")["stats"]
+    p50 = result["latency"]["end_to_end"]["latency"]["p50_us"] / 1e6
+    assert end_to_end["median"] == pytest.approx(p50)
+    assert end_to_end["min"] <= end_to_end["median"] <= end_to_end["max"]
+    json.dumps(exported)
