@@ -1,0 +1,68 @@
+"""The README's commands work: the CI workflow's enrollbench steps run as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.bench.conftest import ROOT
+from tests.conftest import require_tool
+
+
+def _workflow_commands() -> list[str]:
+    """The `run:` commands of the README's GitHub Actions workflow that call enrollbench."""
+    text = (ROOT / "README.md").read_text()
+    workflow = re.search(r"## Gate your CI.*?```yaml\n(.*?)```", text, re.DOTALL)
+    assert workflow is not None
+    commands: list[str] = []
+    lines = workflow.group(1).splitlines()
+    for number, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped == "run: |":
+            indent = len(lines[number + 1]) - len(lines[number + 1].lstrip())
+            for body in lines[number + 1 :]:
+                if len(body) - len(body.lstrip()) < indent:
+                    break
+                commands.append(body.strip())
+        elif stripped.startswith("run: "):
+            commands.append(stripped.removeprefix("run: "))
+    return [c for c in commands if c.startswith("enrollbench")]
+
+
+def test_workflow_has_the_gate_suite_compare_and_export() -> None:
+    """The example workflow gates, runs the suite, compares and exports."""
+    verbs = [command.split()[1] for command in _workflow_commands()]
+    assert verbs == ["gate", "suite", "gate", "compare", "export"]
+
+
+def test_workflow_commands_run(tmp_path: Path) -> None:
+    """Each enrollbench step of the workflow exits 0 in a clone of this repository."""
+    require_tool("git")
+    require_tool("valgrind")
+    clone = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    summary = tmp_path / "summary.md"
+    environment = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary)}
+    for command in _workflow_commands():
+        concrete = command.replace("origin/${{ github.base_ref }}", "HEAD").replace(
+            "--budget 120", "--budget 40"
+        )
+        done = subprocess.run(
+            concrete,
+            shell=True,
+            cwd=clone,
+            env=environment,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=900,
+        )
+        if done.returncode == 3:
+            pytest.skip(f"the A/B layer was inconclusive on this host: {done.stdout}")
+        assert done.returncode == 0, (concrete, done.stdout, done.stderr)
+    assert "| throughput |" in summary.read_text()
+    assert (clone / "results" / "pr" / "benchmark.json").exists()
