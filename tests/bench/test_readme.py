@@ -7,8 +7,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.bench.conftest import ROOT
 from tests.conftest import require_tool
 
@@ -61,8 +59,8 @@ def test_workflow_commands_run(tmp_path: Path) -> None:
             check=False,
             timeout=900,
         )
-        if done.returncode == 3:
-            pytest.skip(f"the A/B layer was inconclusive on this host: {done.stdout}")
-        assert done.returncode == 0, (concrete, done.stdout, done.stderr)
+        # The A/A gate may be inconclusive on a noisy host (exit 3), never a regression.
+        allowed = (0, 3) if " gate --baseline" in concrete else (0,)
+        assert done.returncode in allowed, (concrete, done.stdout, done.stderr)
     assert "| throughput |" in summary.read_text()
     assert (clone / "results" / "pr" / "benchmark.json").exists()
