@@ -369,17 +369,14 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return merged
 
 
-def resolve(name_or_path: str) -> Path:
-    """A profile by shipped name (`p256-auto`) or by path."""
+def resolve(name_or_path: str, folder: Path = PROFILE_DIRECTORY, kind: str = "profile") -> Path:
+    """A shipped file by name (`p256-auto`) from `folder`, or any path."""
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        candidate = path
-    else:
-        candidate = PROFILE_DIRECTORY / f"{name_or_path}.toml"
+    candidate = path if path.suffix == ".toml" or path.exists() else folder / f"{path}.toml"
     if not candidate.is_file():
-        shipped = sorted(p.stem for p in PROFILE_DIRECTORY.glob("*.toml"))
+        shipped = sorted(p.stem for p in folder.glob("*.toml"))
         raise ProfileError(
-            f"no profile {name_or_path!r}{_suggest(name_or_path, shipped)}; "
+            f"no {kind} {name_or_path!r}{_suggest(name_or_path, shipped)}; "
             f"shipped: {', '.join(shipped)}"
         )
     return candidate

@@ -75,21 +75,9 @@ class Suite:
     rules: tuple[Rule, ...]
 
 
-def _suite_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        candidate = path
-    else:
-        candidate = SUITE_DIRECTORY / f"{name_or_path}.toml"
-    if not candidate.is_file():
-        shipped = sorted(p.stem for p in SUITE_DIRECTORY.glob("*.toml"))
-        raise ProfileError(f"no suite {name_or_path!r}; shipped: {', '.join(shipped)}")
-    return candidate
-
-
 def load_suite(name_or_path: str) -> Suite:
     """Read and check a suite: known keys, at least one profile, each profile found, rules."""
-    path = _suite_path(name_or_path)
+    path = resolve(name_or_path, SUITE_DIRECTORY, "suite")
     try:
         raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:

@@ -13,6 +13,7 @@ import pytest
 from bench import gate
 from bench.errors import UsageError
 from bench.suite import parse_rule
+from tests.bench.conftest import make_result
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,23 +92,7 @@ def test_repeated_counts_agree(clone: Path) -> None:
 
 def test_unknown_ref_is_exit_2(clone: Path) -> None:
     """A baseline ref that does not exist is a one-line error and exit code 2."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.cli",
-            "gate",
-            "--baseline",
-            "no-such-ref",
-            "--current",
-            str(clone),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-        timeout=300,
-    )
+    done = _gate(clone, "--baseline", "no-such-ref")
     assert done.returncode == 2
     assert "git ref 'no-such-ref' does not exist" in done.stderr
 
@@ -127,25 +112,7 @@ def test_missing_valgrind_is_a_usage_error(clone: Path, monkeypatch: pytest.Monk
 
 def _result_pair(tmp_path: Path) -> tuple[Path, Path]:
     """A real smoke result and a copy whose throughput halved."""
-    stored = tmp_path / "stored.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.cli",
-            "run",
-            "smoke",
-            "--quiet",
-            "--duration",
-            "2",
-            "--out",
-            str(stored),
-        ],
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    stored = make_result(tmp_path, "stored")
     data = json.loads(stored.read_text())
     slower = copy.deepcopy(data)
     slower["throughput"]["enrollments_per_s"] /= 2
