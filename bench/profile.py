@@ -23,7 +23,9 @@ from engine.distribution import Distribution
 from engine.keys import KEY_SPECS
 from engine.system import EngineConfig
 
-PROFILE_DIRECTORY = Path(__file__).resolve().parent.parent / "profiles"
+# A source checkout keeps profiles/ beside bench/; an installed wheel carries them in bench/.
+_CHECKOUT = Path(__file__).resolve().parent.parent / "profiles"
+PROFILE_DIRECTORY = _CHECKOUT if _CHECKOUT.is_dir() else Path(__file__).resolve().parent / "profiles"
 
 
 @dataclass(frozen=True, slots=True)
