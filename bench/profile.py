@@ -25,7 +25,8 @@ from engine.system import EngineConfig
 
 # A source checkout keeps profiles/ beside bench/; an installed wheel carries them in bench/.
 _CHECKOUT = Path(__file__).resolve().parent.parent / "profiles"
-PROFILE_DIRECTORY = _CHECKOUT if _CHECKOUT.is_dir() else Path(__file__).resolve().parent / "profiles"
+_INSTALLED = Path(__file__).resolve().parent / "profiles"
+PROFILE_DIRECTORY = _CHECKOUT if _CHECKOUT.is_dir() else _INSTALLED
 
 
 @dataclass(frozen=True, slots=True)
