@@ -17,8 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.errors import UsageError
+from bench.merge import build_result, manifest
 from bench.profile import Profile, validate
-from bench.results import SCHEMA_VERSION, build_result, manifest
+from bench.results import SCHEMA_VERSION
 from bench.runner import RunOptions, execute
 
 _SLO = re.compile(r"^(p50|p90|p99|p99\.9)=(\d+(?:\.\d+)?)(us|µs|ms|s)$")

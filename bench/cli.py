@@ -20,11 +20,11 @@ from bench import capacity, gate, report
 from bench.compare import compare
 from bench.errors import AccountingError, BenchError, ResultError, UsageError
 from bench.export import to_pytest_benchmark
+from bench.merge import build_result
 from bench.profile import load_profile, shipped_profiles
 from bench.progress import LiveProgress, print_summary
 from bench.results import (
     SCHEMA_VERSION,
-    build_result,
     check_accounting,
     check_writable,
     read_result,

@@ -25,8 +25,8 @@ from rich.table import Table
 
 from bench.corpus import build_corpus, read_corpus
 from bench.errors import UsageError
+from bench.merge import build_result
 from bench.profile import Profile, load_profile
-from bench.results import build_result
 from bench.runner import RunOptions, ca_material, corpus_spec, execute, resolve_workers
 from bench.workloads import run_ready
 from engine.certificate import build_certificate_with_builder

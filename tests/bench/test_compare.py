@@ -119,3 +119,15 @@ def test_too_short_a_run_cannot_be_judged(two_results: tuple[Path, Path]) -> Non
     b["throughput"]["series"]["completed"] = [450, 20]
     row = next(r for r in compare_pair(a, b) if r.metric == "throughput")
     assert row.verdict == "within noise"
+
+
+def test_readers_never_import_the_engine() -> None:
+    """compare, report and export read result files only (DESIGN.md): no engine module loads."""
+    code = (
+        "import sys, bench.compare, bench.report, bench.export;"
+        "print([m for m in sys.modules if m == 'engine' or m.startswith('engine.')])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert done.stdout.strip() == "[]"

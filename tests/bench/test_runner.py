@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from bench.merge import build_result
 from bench.profile import load_profile
-from bench.results import build_result, check_accounting
+from bench.results import check_accounting
 from bench.runner import RunOptions, execute, write_artifacts
 from bench.shard import ShardPlan, shard_main
 from tests.conftest import require_tool
