@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
 
+from bench.corpus import load_keys
 from engine.certificate import CertificateTemplate, build_certificate_with_builder
 from engine.identity import User
 from engine.keys import (
@@ -29,10 +30,9 @@ from engine.keys import (
     PrivateKey,
     Signer,
     SubjectKey,
-    derive_private_key,
-    generate_private_key,
     hash_algorithm,
     key_spec,
+    load_private_key,
 )
 from engine.population import directory_entry, simulated_enrollee
 from engine.request import (
@@ -45,6 +45,8 @@ from engine.request import (
 from engine.system import CAMaterial, EngineConfig, EnrollmentSystem
 
 RING = 64
+CA_SEED = -1  # the runner's CA keys
+DEVICE_SEED = -2  # apart from any profile's device keys
 
 
 def run_ready(coroutine: Coroutine[Any, Any, Any]) -> Any:
@@ -57,12 +59,9 @@ def run_ready(coroutine: Coroutine[Any, Any, Any]) -> Any:
     raise RuntimeError("the coroutine suspended; this workload must not wait")
 
 
-def make_key(name: str, index: int) -> PrivateKey:
-    """A workload key: derived for EC and Ed25519 (reproducible), generated for RSA."""
-    spec = key_spec(name)
-    if spec.family is KeyFamily.RSA:
-        return generate_private_key(spec)
-    return derive_private_key(spec, index.to_bytes(32, "big"))
+def corpus_keys(name: str, seed: int, count: int) -> list[PrivateKey]:
+    """Workload keys from the key corpus (EC/Ed25519 derived, RSA made once and cached)."""
+    return [load_private_key(der) for der in load_keys(name, seed, count)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +84,14 @@ class CaWorkload:
 
     def __init__(self, device_key: str = "p256", ca_key: str = "p256", hash_name: str = "sha256"):
         self.config = EngineConfig(device_key=device_key, ca_key=ca_key, hash_name=hash_name)
-        keys = [make_key(ca_key, 1_000_000 + i) for i in range(2)]
-        self.material = CAMaterial.create(self.config, keys)
+        self.material = CAMaterial.create(self.config, corpus_keys(ca_key, CA_SEED, 2))
         enrollees = [simulated_enrollee(i, 1) for i in range(RING)]
         self.system = EnrollmentSystem(
             self.config, self.material, [directory_entry(e, 1) for e in enrollees]
         )
-        self.device_signers = [Signer(make_key(device_key, i), hash_name) for i in range(RING)]
+        self.device_signers = [
+            Signer(key, hash_name) for key in corpus_keys(device_key, DEVICE_SEED, RING)
+        ]
         template = RequestTemplate(key_spec(device_key).family)
         self.prepared = [
             self._prepare(e.user, signer, template)
