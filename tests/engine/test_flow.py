@@ -217,7 +217,7 @@ def test_administrator_rejections_are_counted(make_system: SystemFactory) -> Non
 
 def test_approval_waits_overlap(make_system: SystemFactory) -> None:
     """Devices waiting for administrators wait together on the loop: all 30 are pending at once."""
-    approval = ApprovalPolicy(30, Distribution("fixed", mean=0.01), 1.0)
+    approval = ApprovalPolicy(30, Distribution("fixed", mean=0.5), 1.0)
     system, users = make_system(30, approval=approval)
     pool = system.authority.approvals
     assert pool is not None
@@ -263,7 +263,7 @@ def test_persistent_store_protects_the_key(make_system: SystemFactory, protectio
 def test_cold_cache_fetches_once_for_many_devices(make_system: SystemFactory) -> None:
     """With a cold cache, 20 devices missing at once cause one fetch from the CA."""
     system, users = make_system(
-        20, warm_cache=False, ca_fetch_latency=Distribution("fixed", mean=0.01)
+        20, warm_cache=False, ca_fetch_latency=Distribution("fixed", mean=0.5)
     )
     outcomes = _run(system, [device_of(u) for u in users])
     assert all(o.status is Status.ISSUED for o in outcomes)
