@@ -50,16 +50,20 @@ class LiveProgress:
             return
         done = sum(s.get("done", 0) for s in snapshots.values())
         now = time.monotonic()
+        if not snapshots:
+            self.began = now  # the clock of the display starts with the run, not the set-up
         if now - self.last[0] >= 1.0:
-            self.rate = (done - self.last[1]) / (now - self.last[0]) if self.last[0] else 0.0
+            if self.last[0]:
+                self.rate = (done - self.last[1]) / (now - self.last[0])
             self.last = (now, done)
         errors = sum(s.get("errors", 0) for s in snapshots.values())
         pending = sum(s.get("pending", 0) for s in snapshots.values())
+        in_flight = sum(s.get("in_flight", 0) for s in snapshots.values())
         elapsed = now - self.began
         goal = f"{elapsed:.0f}/{self.duration:.0f} s" if self.duration else f"{done}/{self.total}"
         self.live.update(
-            f"[bold]enrolling[/] {goal}  done {done}  {self.rate:,.0f}/s  "
-            f"errors {errors}  approvals pending {pending}"
+            f"[bold]enrolling[/] {goal}  done {done}  in flight {in_flight}  "
+            f"{self.rate:,.0f}/s  errors {errors}  approvals pending {pending}"
         )
 
 

@@ -242,9 +242,3 @@ def _raw_primitives(
         serialization.load_der_public_key,
         lambda key, signature, data: key.verify(signature, data, pkcs1, digest),
     )
-
-
-WORKLOADS: dict[str, Callable[[], CaWorkload]] = {
-    "p256": lambda: CaWorkload("p256", "p256", "sha256"),
-    "rsa2048": lambda: CaWorkload("rsa2048", "rsa2048", "sha256"),
-}

@@ -51,10 +51,6 @@ class CAChain:
     def issuing(self) -> x509.Certificate:
         return self.certificates[-1]
 
-    @property
-    def root(self) -> x509.Certificate:
-        return self.certificates[0]
-
     def pkcs7(self) -> bytes:
         """The chain as a PKCS #7 certs-only bundle, DER (RFC 2315; what step 8 sends)."""
         return pkcs7.serialize_certificates(list(self.certificates), serialization.Encoding.DER)
