@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ import pytest
 
 from bench import report
 from bench.errors import UsageError
-from bench.export import to_pytest_benchmark
 from bench.results import read_result
 from tests.bench.conftest import ROOT
 
@@ -67,20 +65,3 @@ def test_cli_writes_pngs(two_results: tuple[Path, Path], tmp_path: Path) -> None
     )
     assert done.returncode == 0, done.stderr
     assert sorted(p.stem for p in (tmp_path / "png").glob("*.png")) == sorted(report.FIGURES)
-
-
-def test_pytest_benchmark_export_has_the_fields_chart_tools_read(
-    two_results: tuple[Path, Path],
-) -> None:
-    """Each entry has name, group and stats in seconds; throughput's ops is enrollments/s."""
-    result = read_result(two_results[0])
-    exported = to_pytest_benchmark(result)
-    names = [b["name"] for b in exported["benchmarks"]]
-    assert names[0] == "throughput" and "end_to_end" in names and "issue" in names
-    throughput = exported["benchmarks"][0]["stats"]["ops"]
-    assert throughput == result["throughput"]["enrollments_per_s"]
-    end_to_end = next(b for b in exported["benchmarks"] if b["name"] == "end_to_end")["stats"]
-    p50 = result["latency"]["end_to_end"]["latency"]["p50_us"] / 1e6
-    assert end_to_end["median"] == pytest.approx(p50)
-    assert end_to_end["min"] <= end_to_end["median"] <= end_to_end["max"]
-    json.dumps(exported)
