@@ -18,25 +18,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from engine import _der
 from engine.keys import KeyFamily, Signer, SubjectKey, hash_algorithm
-from engine.request import SAN_OID_DER, device_key_usage
+from engine.request import SAN_OID_DER, device_key_usage, encode_extension
 
 _VERSION_3 = _der.encode_tlv(0xA0, _der.encode_integer(2))  # [0] EXPLICIT Version v3(2)
-_TRUE = _der.encode_tlv(_der.BOOLEAN, b"\xff")
 _UTC_TIME_LIMIT = 2_524_608_000  # 2050-01-01: RFC 5280 4.1.2.5 switches to GeneralizedTime
 _CLIENT_AUTH = _der.encode_oid("1.3.6.1.5.5.7.3.2")
 _BASIC_CONSTRAINTS = _der.encode_oid("2.5.29.19")
 _KEY_USAGE = _der.encode_oid("2.5.29.15")
 _EXT_KEY_USAGE = _der.encode_oid("2.5.29.37")
 _AUTHORITY_KEY_ID = _der.encode_oid("2.5.29.35")
-
-
-def encode_extension(oid: bytes, value: bytes, *, critical: bool) -> bytes:
-    """Encode Extension ::= SEQUENCE { extnID, critical, extnValue } (RFC 5280 4.1).
-
-    `oid` is the extnID already DER-encoded, so the hot path never encodes an OID.
-    """
-    flag = _TRUE if critical else b""  # DER omits a DEFAULT value (X.690 11.5)
-    return _der.encode_tlv(_der.SEQUENCE, oid + flag + _der.encode_tlv(_der.OCTET_STRING, value))
 
 
 # Extension { extnID subjectKeyIdentifier, extnValue OCTET STRING { KeyIdentifier (20 octets) } }
@@ -62,10 +52,9 @@ class CertificateTemplate:
     """The fixed parts of one issuing CA's end-entity TBSCertificate, encoded once."""
 
     __slots__ = (
-        "_algorithm",
         "_head",
         "_issuer",
-        "_sign",
+        "_signer",
         "_tail_extensions",
         "_validity",
         "_validity_cache",
@@ -78,8 +67,7 @@ class CertificateTemplate:
         device_family: KeyFamily,
         validity_seconds: int,
     ) -> None:
-        self._sign = signer.sign
-        self._algorithm = signer.algorithm.identifier
+        self._signer = signer
         self._issuer = issuer.subject.public_bytes()  # the issuer's subject bytes, verbatim
         self._validity = validity_seconds
         self._validity_cache: tuple[int, bytes] = (-1, b"")
@@ -105,15 +93,14 @@ class CertificateTemplate:
         # SubjectKeyIdentifier: a 20-byte digest behind a constant header (RFC 5280 4.2.1.2).
         extensions = self._head + _SKI_HEADER + key_identifier(key) + self._tail_extensions
         if san_value is not None:
-            san = _der.encode_tlv(_der.OCTET_STRING, san_value)
-            extensions += _der.encode_tlv(_der.SEQUENCE, SAN_OID_DER + san)
+            extensions += encode_extension(SAN_OID_DER, san_value, critical=False)
         tbs = _der.encode_tlv(
             _der.SEQUENCE,
             b"".join(
                 (
                     _VERSION_3,
                     _der.encode_integer(serial),
-                    self._algorithm,
+                    self._signer.algorithm.identifier,
                     self._issuer,
                     self._validity_for(now),
                     subject,
@@ -122,8 +109,7 @@ class CertificateTemplate:
                 )
             ),
         )
-        signature = _der.encode_tlv(_der.BIT_STRING, b"\x00" + self._sign(tbs))
-        return _der.encode_tlv(_der.SEQUENCE, tbs + self._algorithm + signature)
+        return self._signer.signed(tbs)
 
     def _validity_for(self, now: int) -> bytes:
         """Validity ::= SEQUENCE { notBefore, notAfter }, re-encoded once per second."""

@@ -94,7 +94,7 @@ class SignatureAlgorithm:
     family: KeyFamily
     hash_name: str | None
     identifier: bytes
-    # Ready-made verification parameters (ECDSA object, or PKCS #1 padding and hash), made once.
+    # Ready-made signing and verification parameters (ECDSA, or PKCS #1 padding and hash).
     ecdsa: ec.ECDSA | None = field(default=None, compare=False)
     pkcs1: tuple[padding.PKCS1v15, SignatureHash] | None = field(default=None, compare=False)
 
@@ -258,19 +258,23 @@ class Signer:
         self.algorithm = signature_algorithm(family_of(key), hash_name)
         self.sign = _signing_call(key, self.algorithm)
 
+    def signed(self, content: bytes) -> bytes:
+        """SEQUENCE { content, signatureAlgorithm, signature BIT STRING }: the signed wrapper
+        shared by a CertificationRequest (RFC 2986 4.2) and a Certificate (RFC 5280 4.1)."""
+        signature = _der.encode_tlv(_der.BIT_STRING, b"\x00" + self.sign(content))
+        return _der.encode_tlv(_der.SEQUENCE, content + self.algorithm.identifier + signature)
+
 
 def _signing_call(key: PrivateKey, algorithm: SignatureAlgorithm) -> Callable[[bytes], bytes]:
-    """Build the one-argument signing function, with padding and hash objects made once."""
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign
-    digest = _HASHES[str(algorithm.hash_name)]()
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        ecdsa = ec.ECDSA(digest)
-        ec_key = key
+    """The one-argument signing function, with the algorithm's ready padding and hash objects."""
+    ecdsa, pkcs1 = algorithm.ecdsa, algorithm.pkcs1
+    if ecdsa is not None:
+        ec_key = cast(ec.EllipticCurvePrivateKey, key)
         return lambda data: ec_key.sign(data, ecdsa)
-    pkcs1 = padding.PKCS1v15()
-    rsa_key = key
-    return lambda data: rsa_key.sign(data, pkcs1, digest)
+    if pkcs1 is not None:
+        rsa_key = cast(rsa.RSAPrivateKey, key)
+        return lambda data: rsa_key.sign(data, *pkcs1)
+    return cast(ed25519.Ed25519PrivateKey, key).sign
 
 
 def family_of(key: PrivateKey | PublicKey) -> KeyFamily:

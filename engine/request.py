@@ -42,6 +42,15 @@ _VERSION_1 = _der.encode_integer(0)  # RFC 2986 4.1: version v1(0)
 _TRUE = _der.encode_tlv(_der.BOOLEAN, b"\xff")
 
 
+def encode_extension(oid: bytes, value: bytes, *, critical: bool) -> bytes:
+    """Encode Extension ::= SEQUENCE { extnID, critical, extnValue } (RFC 5280 4.1).
+
+    `oid` is the extnID already DER-encoded, so the hot path never encodes an OID.
+    """
+    flag = _TRUE if critical else b""  # DER omits a DEFAULT value (X.690 11.5)
+    return _der.encode_tlv(_der.SEQUENCE, oid + flag + _der.encode_tlv(_der.OCTET_STRING, value))
+
+
 def device_key_usage(family: KeyFamily) -> x509.KeyUsage:
     """Key usage a device key asks for: signing always, key encipherment for RSA."""
     return x509.KeyUsage(
@@ -72,19 +81,14 @@ class RequestTemplate:
     __slots__ = ("_key_usage_extension",)
 
     def __init__(self, family: KeyFamily) -> None:
-        ku_value = device_key_usage(family).public_bytes()
-        # Extension ::= SEQUENCE { extnID, critical BOOLEAN, extnValue OCTET STRING } (RFC 5280 4.1)
-        self._key_usage_extension = _der.encode_tlv(
-            _der.SEQUENCE,
-            _KEY_USAGE_OID_DER + _TRUE + _der.encode_tlv(_der.OCTET_STRING, ku_value),
+        self._key_usage_extension = encode_extension(
+            _KEY_USAGE_OID_DER, device_key_usage(family).public_bytes(), critical=True
         )
 
     def build(self, signer: Signer, content: RequestContent) -> bytes:
         """Return a signed CertificationRequest in DER."""
         san_value = encode_alternative_names(content.email, content.upn)
-        san = _der.encode_tlv(
-            _der.SEQUENCE, SAN_OID_DER + _der.encode_tlv(_der.OCTET_STRING, san_value)
-        )
+        san = encode_extension(SAN_OID_DER, san_value, critical=False)
         extensions = _der.encode_tlv(_der.SEQUENCE, san + self._key_usage_extension)
         attribute = _der.encode_tlv(
             _der.SEQUENCE, _EXTENSION_REQUEST_DER + _der.encode_tlv(_der.SET, extensions)
@@ -96,13 +100,7 @@ class RequestTemplate:
             + signer.spki
             + _der.encode_tlv(0xA0, attribute),  # attributes [0] IMPLICIT SET OF Attribute
         )
-        return sign_request_info(signer, info)
-
-
-def sign_request_info(signer: Signer, info: bytes) -> bytes:
-    """Wrap a CertificationRequestInfo with its algorithm and signature (RFC 2986 4.2)."""
-    signature = _der.encode_tlv(_der.BIT_STRING, b"\x00" + signer.sign(info))
-    return _der.encode_tlv(_der.SEQUENCE, info + signer.algorithm.identifier + signature)
+        return signer.signed(info)
 
 
 def build_request_with_builder(signer: Signer, content: RequestContent) -> bytes:

@@ -25,7 +25,6 @@ from engine.request import (
     build_request_with_builder,
     parse_request,
     python_split_request,
-    sign_request_info,
     split_request,
     verify_request,
 )
@@ -203,7 +202,7 @@ def test_duplicate_extensions_are_refused() -> None:
         ),
     )
     with pytest.raises(MalformedDerError, match="twice"):
-        parse_request(sign_request_info(signer, info))
+        parse_request(signer.signed(info))
 
 
 def _der_extension() -> bytes:
