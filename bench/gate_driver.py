@@ -26,6 +26,8 @@ DEVICES = 64
 SEED = 20261129
 
 
+# bench.workloads.run_ready does the same; the driver repeats it on purpose, because it must run
+# against a baseline tree whose bench/ may differ: it imports nothing but the engine.
 def _drive(coroutine: Coroutine[Any, Any, Any]) -> Any:
     try:
         coroutine.send(None)

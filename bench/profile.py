@@ -362,7 +362,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         dotted, value = parse_override(text)
         section, _, key = dotted.rpartition(".")
         if section:
-            if section not in SCHEMA or not section:
+            if section not in SCHEMA:
                 raise ProfileError(
                     f"--set {dotted}: unknown section {section!r}{_suggest(section, list(SCHEMA))}"
                 )

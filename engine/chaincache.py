@@ -59,14 +59,16 @@ class ChainCache:
         self.counts.fetches += 1
         try:
             chain = await fetch()
-        except EnrollmentError as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here, so an unjoined failure is not logged as lost
-            raise
         except Exception as exc:
-            error = ChainFetchError(f"fetching the chain of {profile_id!r} failed: {exc!r}")
+            error = (
+                exc
+                if isinstance(exc, EnrollmentError)
+                else ChainFetchError(f"fetching the chain of {profile_id!r} failed: {exc!r}")
+            )
             future.set_exception(error)
-            future.exception()
+            future.exception()  # retrieved here, so an unjoined failure is not logged as lost
+            if error is exc:
+                raise
             raise error from exc
         finally:
             del self._in_flight[profile_id]
