@@ -1,4 +1,4 @@
-"""Result files made once per test session by real (short) runs."""
+"""The command line as the tests run it, and result files made once per session by real runs."""
 
 from __future__ import annotations
 
@@ -9,29 +9,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "bench.cli"]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`enrollbench ARGS` from the repository root, output captured, exit code not checked."""
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, check=False, cwd=ROOT, timeout=timeout
+    )
 
 
 def make_result(folder: Path, name: str, *extra: str) -> Path:
     path = folder / f"{name}.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.cli",
-            "run",
-            "smoke",
-            "--quiet",
-            "--duration",
-            "1.5",
-            "--out",
-            str(path),
-            *extra,
-        ],
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    done = run_cli("run", "smoke", "--quiet", "--duration", "1.5", "--out", str(path), *extra)
+    assert done.returncode == 0, done.stderr
     return path
 
 

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,26 +14,13 @@ import pytest
 
 from bench.corpus import load_keys
 from bench.results import SCHEMA_VERSION, read_result
-
-CLI = [sys.executable, "-m", "bench.cli"]
-
-
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=cwd,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-    )
+from tests.bench.conftest import CLI, ROOT, run_cli
 
 
 def test_run_writes_a_result_and_one_quiet_line(tmp_path: Path) -> None:
     """`run --quiet` prints one summary line and writes a versioned result."""
     out = tmp_path / "smoke.json"
-    done = _cli("run", "smoke", "--devices", "60", "--quiet", "--out", str(out))
+    done = run_cli("run", "smoke", "--devices", "60", "--quiet", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1 and "60/60 issued" in done.stdout
     result = read_result(out)
@@ -46,7 +32,7 @@ def test_run_writes_a_result_and_one_quiet_line(tmp_path: Path) -> None:
 def test_result_has_no_private_keys_or_host_name(tmp_path: Path) -> None:
     """Neither a device key, a CA key nor the host name appears in the result file."""
     out = tmp_path / "smoke.json"
-    assert _cli("run", "smoke", "--devices", "20", "--quiet", "--out", str(out)).returncode == 0
+    assert run_cli("run", "smoke", "--devices", "20", "--quiet", "--out", str(out)).returncode == 0
     text = out.read_text()
     for der in load_keys("p256", 1, 20) + load_keys("p256", -1, 2):
         assert der.hex() not in text
@@ -72,7 +58,7 @@ def test_result_has_no_private_keys_or_host_name(tmp_path: Path) -> None:
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
     """Each usage or input error is a single line on stderr and exit code 2, nothing written."""
-    done = _cli(*args)
+    done = run_cli(*args)
     assert done.returncode == 2
     assert message in done.stderr
     assert done.stderr.strip().count("\n") == 0
@@ -81,7 +67,7 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None
 
 def test_unwritable_out_is_refused_before_running(tmp_path: Path) -> None:
     """A read-only folder for --out fails fast with exit 2 (as root, a directory path)."""
-    done = _cli("run", "smoke", "--out", str(tmp_path))
+    done = run_cli("run", "smoke", "--out", str(tmp_path))
     assert done.returncode == 2
     assert "is a directory" in done.stderr
 
@@ -90,7 +76,7 @@ def test_invalid_profile_file_is_named(tmp_path: Path) -> None:
     """A profile that does not validate names its file and key."""
     bad = tmp_path / "bad.toml"
     bad.write_text('description = "x"\n[load]\nmode = "sideways"\n')
-    done = _cli("run", str(bad))
+    done = run_cli("run", str(bad))
     assert done.returncode == 2
     assert str(bad) in done.stderr and "load.mode = 'sideways'" in done.stderr
 
@@ -104,7 +90,7 @@ def test_ctrl_c_writes_what_was_measured(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        cwd=ROOT,
     )
     time.sleep(6)
     os.killpg(process.pid, signal.SIGINT)

@@ -12,7 +12,7 @@ import pytest
 from bench.compare import compare_pair, load_results, manifest_warnings
 from bench.errors import ResultError, UsageError
 from bench.results import read_result
-from tests.bench.conftest import ROOT
+from tests.bench.conftest import ROOT, run_cli
 
 
 def test_rows_cover_throughput_and_every_step(two_results: tuple[Path, Path]) -> None:
@@ -77,14 +77,7 @@ def test_other_schema_versions_are_refused(two_results: tuple[Path, Path], tmp_p
 @pytest.mark.parametrize("output", ["table", "markdown", "json"])
 def test_cli_formats(two_results: tuple[Path, Path], output: str) -> None:
     """compare prints a table, Markdown or JSON and exits 0."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "compare", *map(str, two_results), "--format", output],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-        timeout=120,
-    )
+    done = run_cli("compare", *map(str, two_results), "--format", output)
     assert done.returncode == 0, done.stderr
     if output == "json":
         assert json.loads(done.stdout)["comparisons"][0]["rows"]
@@ -99,14 +92,7 @@ def test_cli_missing_or_corrupt_files_are_exit_2(tmp_path: Path) -> None:
     corrupt = tmp_path / "c.json"
     corrupt.write_text("{")
     for files in ([str(tmp_path / "none.json"), str(corrupt)], [str(corrupt), str(corrupt)]):
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.cli", "compare", *files],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=ROOT,
-            timeout=120,
-        )
+        done = run_cli("compare", *files)
         assert done.returncode == 2
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from bench import gate
 from bench.errors import UsageError
 from bench.suite import parse_rule
-from tests.bench.conftest import make_result
+from tests.bench.conftest import make_result, run_cli
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,24 +41,7 @@ def clone(tmp_path: Path) -> Path:
 
 
 def _gate(clone: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.cli",
-            "gate",
-            "--baseline",
-            "HEAD",
-            "--current",
-            str(clone),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-        timeout=900,
-    )
+    return run_cli("gate", "--baseline", "HEAD", "--current", str(clone), *extra, timeout=900)
 
 
 def test_a_against_a_passes(clone: Path) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,7 @@ import pytest
 from bench import report
 from bench.errors import UsageError
 from bench.results import read_result
-from tests.bench.conftest import ROOT
+from tests.bench.conftest import run_cli
 
 
 def test_html_is_self_contained_with_every_figure(
@@ -47,21 +45,6 @@ def test_missing_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_cli_writes_pngs(two_results: tuple[Path, Path], tmp_path: Path) -> None:
     """report --png writes one PNG per figure."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.cli",
-            "report",
-            str(two_results[0]),
-            "--png",
-            str(tmp_path / "png"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-        timeout=120,
-    )
+    done = run_cli("report", str(two_results[0]), "--png", str(tmp_path / "png"))
     assert done.returncode == 0, done.stderr
     assert sorted(p.stem for p in (tmp_path / "png").glob("*.png")) == sorted(report.FIGURES)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.errors import ProfileError, UsageError
 from bench.suite import load_suite, parse_rule, rules_from, shipped_suites
-from tests.bench.conftest import ROOT
+from tests.bench.conftest import run_cli
 
 
 @pytest.mark.parametrize("path", shipped_suites(), ids=lambda p: p.stem)
@@ -72,14 +70,7 @@ def test_suite_command_writes_results_and_an_index(tmp_path: Path) -> None:
         'profiles = ["smoke"]\noverrides = ["load.duration=1.0"]\n[rules]\nthroughput = "-5%"\n'
     )
     out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "suite", str(path), "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-        timeout=300,
-    )
+    done = run_cli("suite", str(path), "--out", str(out), "--quiet")
     assert done.returncode == 0, done.stderr
     index = json.loads((out / "index.json").read_text())
     assert index["results"] == [{"profile": "smoke", "result": "smoke.json"}]
@@ -89,30 +80,11 @@ def test_suite_command_writes_results_and_an_index(tmp_path: Path) -> None:
 
 def test_profiles_commands(tmp_path: Path) -> None:
     """profiles list shows descriptions; validate is exit 2 on a bad file."""
-    listed = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "profiles", "list"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-    )
+    listed = run_cli("profiles", "list")
+    assert listed.returncode == 0
     assert "p256-admin-approval" in listed.stdout and "fleet-10k" in listed.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text('description = "x"\n[ca]\nkey = "dsa"\n')
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.cli",
-            "profiles",
-            "validate",
-            "profiles/smoke.toml",
-            str(bad),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-    )
+    done = run_cli("profiles", "validate", "profiles/smoke.toml", str(bad))
     assert done.returncode == 2
     assert "ok: profiles/smoke.toml" in done.stdout and "ca.key = 'dsa'" in done.stderr
