@@ -84,19 +84,22 @@ def _throughput_row(
         return Row(metric, base, cand, ratio, float("-inf"), float("inf"), True, "within noise")
     means_a = rng.choice(first, (RESAMPLES, first.size)).mean(axis=1)
     means_b = rng.choice(second, (RESAMPLES, second.size)).mean(axis=1)
-    ratios = means_b / np.maximum(means_a, 1e-12)
-    low, high = np.percentile(ratios, [2.5, 97.5])
     ratio = cand / base if base else float("nan")
-    return Row(
-        metric,
-        base,
-        cand,
-        ratio,
-        float(low),
-        float(high),
-        True,
-        _verdict(float(low), float(high), True),
-    )
+    return _row(metric, base, cand, ratio, means_b / np.maximum(means_a, 1e-12), True)
+
+
+def _row(
+    metric: str,
+    base: float,
+    cand: float,
+    ratio: float,
+    draws: npt.NDArray[np.float64],
+    higher_is_better: bool,
+) -> Row:
+    """A row from bootstrap draws of the ratio: their central 95% and the verdict."""
+    low, high = (float(v) for v in np.percentile(draws, [2.5, 97.5]))
+    verdict = _verdict(low, high, higher_is_better)
+    return Row(metric, base, cand, ratio, low, high, higher_is_better, verdict)
 
 
 def _percentile_draws(
@@ -134,18 +137,7 @@ def _latency_row(
     ratios = np.maximum(_percentile_draws(second, percent, rng), 1.0) / np.maximum(
         _percentile_draws(first, percent, rng), 1.0
     )
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    ratio = max(cand, 1.0) / max(base, 1.0)
-    return Row(
-        metric,
-        base,
-        cand,
-        ratio,
-        float(low),
-        float(high),
-        False,
-        _verdict(float(low), float(high), False),
-    )
+    return _row(metric, base, cand, max(cand, 1.0) / max(base, 1.0), ratios, False)
 
 
 def compare_pair(a: Mapping[str, Any], b: Mapping[str, Any], seed: int = 0) -> list[Row]:
