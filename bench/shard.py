@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import signal
 import tempfile
@@ -325,7 +326,6 @@ class Shard:
         self, sink: _Collector, interrupted: bool, cpu_s: float, elapsed_s: float
     ) -> ShardResult:
         per_second = self.approval_depth[:: max(1, round(1 / TICK_SECONDS))]
-        counts = self.system.connection.cache.counts
         generator_ns = self.tick_cpu_ns + self.per_enrollment_cost_ns * self.started
         return ShardResult(
             index=self.plan.index,
@@ -337,12 +337,7 @@ class Shard:
             completed_per_second=[int(v) for v in sink.completed],
             issued_per_second=[int(v) for v in sink.issued],
             approvals_pending=per_second,
-            cache={
-                "hits": counts.hits,
-                "misses": counts.misses,
-                "fetches": counts.fetches,
-                "joined": counts.joined,
-            },
+            cache=dataclasses.asdict(self.system.connection.cache.counts),
             process_cpu_s=cpu_s,
             elapsed_s=elapsed_s,
             generator_cpu_s=generator_ns / 1e9,
