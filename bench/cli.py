@@ -16,10 +16,8 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import capacity, gate, report
-from bench.compare import compare
-from bench.errors import AccountingError, BenchError, ResultError, UsageError
-from bench.export import to_pytest_benchmark
+from bench import capacity, compare, export, gate, report
+from bench.errors import AccountingError, BenchError, UsageError
 from bench.merge import build_result
 from bench.profile import load_profile, shipped_profiles
 from bench.progress import LiveProgress, print_summary
@@ -27,11 +25,10 @@ from bench.results import (
     SCHEMA_VERSION,
     check_accounting,
     check_writable,
-    read_result,
     write_result,
 )
 from bench.runner import RunOptions, execute, resolve_workers, write_artifacts
-from bench.suite import load_suite, rules_from
+from bench.suite import load_suite
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -194,68 +191,6 @@ def _suite(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare(args: argparse.Namespace) -> int:
-    compare(args.results, args.format, Console(width=max(Console().width, 120)))
-    return 0
-
-
-def _gate(args: argparse.Namespace) -> int:
-    suite = load_suite(args.suite) if args.suite else None
-    rules = rules_from(args.rule, suite)
-    layers = [layer.strip() for layer in args.layers.split(",") if layer.strip()]
-    unknown = set(layers) - {"instructions", "ab", "stored"}
-    if unknown or not layers:
-        raise UsageError(f"--layers: choose from instructions, ab, stored (got {args.layers!r})")
-    if "stored" in layers and (args.stored is None or args.result is None):
-        raise UsageError("the stored layer needs --stored BASELINE.json and --result RUN.json")
-    verdicts = []
-    if "stored" in layers:
-        verdicts.append(gate.stored_layer(args.stored, args.result, rules, args.strict))
-    code_layers = [layer for layer in layers if layer != "stored"]
-    if code_layers:
-        current = gate.repository_root(args.current or Path.cwd())
-        with gate.worktree(current, args.baseline) as baseline:
-            for tree in (baseline, current):
-                gate.prepare(tree)
-            if "instructions" in code_layers:
-                limit = gate.limit_for(rules, "instructions", 0.02)
-                verdicts.append(gate.instructions_layer(baseline, current, limit))
-            if "ab" in code_layers:
-                drop = gate.limit_for(rules, "throughput", 0.05)
-                verdicts.append(gate.ab_layer(baseline, current, 1 / (1 - drop) - 1, args.budget))
-    for verdict in verdicts:
-        print(f"{verdict.layer}: {verdict.word}: {verdict.summary}")
-    code = gate.overall(verdicts)
-    print(f"gate: {['pass', 'REGRESSION', '', 'inconclusive'][code]}")
-    return code
-
-
-def _report(args: argparse.Namespace) -> int:
-    if args.html is None and args.png is None:
-        raise UsageError("report: give --html OUT.html and/or --png DIR")
-    result = read_result(args.result)
-    if result.get("kind") != "run":
-        raise ResultError(f"{args.result}: report reads run results")
-    images = report.render(result)
-    if args.png is not None:
-        for path in report.write_pngs(images, args.png):
-            print(path)
-    if args.html is not None:
-        report.write_html(result, images, args.html)
-        print(args.html)
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    result = read_result(args.result)
-    if result.get("kind") != "run":
-        raise ResultError(f"{args.result}: export reads run results")
-    check_writable(args.out)
-    write_result(args.out, to_pytest_benchmark(result))
-    print(args.out)
-    return 0
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="enrollbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -275,29 +210,15 @@ def _parser() -> argparse.ArgumentParser:
     suite.add_argument("--workers", type=int)
     suite.add_argument("--quiet", action="store_true")
     suite.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    comparison = commands.add_parser("compare", help="compare results side by side")
-    comparison.add_argument("results", nargs="+", type=Path, help="baseline first")
-    comparison.add_argument("--format", choices=["table", "markdown", "json"], default="table")
-    gating = commands.add_parser(
-        "gate", help="fail CI on a regression (exit 0 pass, 1 regression, 2 error, 3 inconclusive)"
+    compare.add_arguments(commands.add_parser("compare", help="compare results side by side"))
+    gate.add_arguments(
+        commands.add_parser(
+            "gate",
+            help="fail CI on a regression (exit 0 pass, 1 regression, 2 error, 3 inconclusive)",
+        )
     )
-    gating.add_argument("--baseline", default="HEAD", help="git ref to compare against")
-    gating.add_argument("--current", type=Path, help="the tree to judge (default: this repo)")
-    gating.add_argument("--layers", default="instructions,ab", help="instructions,ab,stored")
-    gating.add_argument("--rule", action="append", default=[], help="e.g. instructions:+2%%")
-    gating.add_argument("--suite", help="take the rules from this suite")
-    gating.add_argument("--budget", type=float, default=60.0, help="seconds for the A/B layer")
-    gating.add_argument("--stored", type=Path, help="stored baseline result (stored layer)")
-    gating.add_argument("--result", type=Path, help="result to judge (stored layer)")
-    gating.add_argument("--strict", action="store_true", help="stored layer fails, not warns")
-    reporting = commands.add_parser("report", help="figures of a run: HTML and PNG")
-    reporting.add_argument("result", type=Path)
-    reporting.add_argument("--html", type=Path, help="one self-contained HTML file")
-    reporting.add_argument("--png", type=Path, help="a folder for the PNG figures")
-    exporting = commands.add_parser("export", help="a run as pytest-benchmark JSON")
-    exporting.add_argument("result", type=Path)
-    exporting.add_argument("--out", type=Path, required=True)
-    exporting.add_argument("--format", choices=["pytest-benchmark"], default="pytest-benchmark")
+    report.add_arguments(commands.add_parser("report", help="figures of a run: HTML and PNG"))
+    export.add_arguments(commands.add_parser("export", help="a run as pytest-benchmark JSON"))
     cap = commands.add_parser("capacity", help="highest open-loop rate that meets an SLO")
     cap.add_argument("profile")
     cap.add_argument("--slo", required=True, help="e.g. p99=200ms (p50, p90, p99, p99.9)")
@@ -320,10 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "capacity": _capacity,
         "profiles": _profiles,
         "suite": _suite,
-        "compare": _compare,
-        "gate": _gate,
-        "report": _report,
-        "export": _export,
+        "compare": compare.command,
+        "gate": gate.command,
+        "report": report.command,
+        "export": export.command,
     }
     try:
         code: int = handlers[args.command](args)

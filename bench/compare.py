@@ -10,6 +10,7 @@ model, cryptography or OpenSSL version, workers, Python) are printed as loud war
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -260,3 +261,14 @@ def compare(paths: Sequence[Path], output: str, console: Console) -> None:
         console.print(render_json(paths, rows, warnings), markup=False, highlight=False)
     else:
         render_table(paths, rows, warnings, console)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`enrollbench compare` flags."""
+    parser.add_argument("results", nargs="+", type=Path, help="baseline first")
+    parser.add_argument("--format", choices=["table", "markdown", "json"], default="table")
+
+
+def command(args: argparse.Namespace) -> int:
+    compare(args.results, args.format, Console(width=max(Console().width, 120)))
+    return 0

@@ -7,13 +7,17 @@ the `throughput` entry and 1/mean for latencies, as pytest-benchmark defines it.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.errors import ResultError
 from bench.histogram import Histogram, bucket_upper
+from bench.results import check_writable, read_result, write_result
 
 
 def _quartiles(histogram: Histogram) -> tuple[float, float, float]:
@@ -108,3 +112,20 @@ def to_pytest_benchmark(result: Mapping[str, Any]) -> dict[str, Any]:
         "datetime": datetime.now(UTC).isoformat(),
         "version": "5.2.3",
     }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`enrollbench export` flags."""
+    parser.add_argument("result", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--format", choices=["pytest-benchmark"], default="pytest-benchmark")
+
+
+def command(args: argparse.Namespace) -> int:
+    result = read_result(args.result)
+    if result.get("kind") != "run":
+        raise ResultError(f"{args.result}: export reads run results")
+    check_writable(args.out)
+    write_result(args.out, to_pytest_benchmark(result))
+    print(args.out)
+    return 0

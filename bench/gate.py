@@ -15,6 +15,7 @@ Exit codes: 0 pass, 1 regression, 2 usage or input error, 3 inconclusive.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import random
@@ -32,7 +33,7 @@ from bench.compare import compare_pair
 from bench.errors import UsageError
 from bench.paired import Interval, bootstrap_median
 from bench.results import read_result
-from bench.suite import Rule
+from bench.suite import Rule, load_suite, rules_from
 
 PASS, REGRESSION, INCONCLUSIVE = 0, 1, 3
 DRIVER = Path(__file__).resolve().parent / "gate_driver.py"
@@ -278,3 +279,51 @@ def overall(verdicts: Sequence[Verdict]) -> int:
     if INCONCLUSIVE in codes:
         return INCONCLUSIVE
     return PASS
+
+
+# ---- the command ----
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`enrollbench gate` flags."""
+    parser.add_argument("--baseline", default="HEAD", help="git ref to compare against")
+    parser.add_argument("--current", type=Path, help="the tree to judge (default: this repo)")
+    parser.add_argument("--layers", default="instructions,ab", help="instructions,ab,stored")
+    parser.add_argument("--rule", action="append", default=[], help="e.g. instructions:+2%%")
+    parser.add_argument("--suite", help="take the rules from this suite")
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds for the A/B layer")
+    parser.add_argument("--stored", type=Path, help="stored baseline result (stored layer)")
+    parser.add_argument("--result", type=Path, help="result to judge (stored layer)")
+    parser.add_argument("--strict", action="store_true", help="stored layer fails, not warns")
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run the chosen layers and print one line per verdict; the exit code is the overall one."""
+    suite = load_suite(args.suite) if args.suite else None
+    rules = rules_from(args.rule, suite)
+    layers = [layer.strip() for layer in args.layers.split(",") if layer.strip()]
+    unknown = set(layers) - {"instructions", "ab", "stored"}
+    if unknown or not layers:
+        raise UsageError(f"--layers: choose from instructions, ab, stored (got {args.layers!r})")
+    if "stored" in layers and (args.stored is None or args.result is None):
+        raise UsageError("the stored layer needs --stored BASELINE.json and --result RUN.json")
+    verdicts = []
+    if "stored" in layers:
+        verdicts.append(stored_layer(args.stored, args.result, rules, args.strict))
+    code_layers = [layer for layer in layers if layer != "stored"]
+    if code_layers:
+        current = repository_root(args.current or Path.cwd())
+        with worktree(current, args.baseline) as baseline:
+            for tree in (baseline, current):
+                prepare(tree)
+            if "instructions" in code_layers:
+                limit = limit_for(rules, "instructions", 0.02)
+                verdicts.append(instructions_layer(baseline, current, limit))
+            if "ab" in code_layers:
+                drop = limit_for(rules, "throughput", 0.05)
+                verdicts.append(ab_layer(baseline, current, 1 / (1 - drop) - 1, args.budget))
+    for verdict in verdicts:
+        print(f"{verdict.layer}: {verdict.word}: {verdict.summary}")
+    code = overall(verdicts)
+    print(f"gate: {['pass', 'REGRESSION', '', 'inconclusive'][code]}")
+    return code

@@ -8,6 +8,7 @@ matplotlib, the `[plot]` extra; without it the command says so and exits 2.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import io
@@ -15,8 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.errors import UsageError
+from bench.errors import ResultError, UsageError
 from bench.histogram import Histogram
+from bench.results import read_result
 
 FIGURES = ("latency-cdf", "throughput", "breakdown", "approvals")
 
@@ -193,3 +195,26 @@ text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
 def _stats(stats: Mapping[str, Any]) -> list[str]:
     keys = ("p50_us", "p90_us", "p99_us", "p99_9_us", "max_us")
     return [str(stats["count"]), *(f"{stats[k] / 1000:.3f}" for k in keys)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`enrollbench report` flags."""
+    parser.add_argument("result", type=Path)
+    parser.add_argument("--html", type=Path, help="one self-contained HTML file")
+    parser.add_argument("--png", type=Path, help="a folder for the PNG figures")
+
+
+def command(args: argparse.Namespace) -> int:
+    if args.html is None and args.png is None:
+        raise UsageError("report: give --html OUT.html and/or --png DIR")
+    result = read_result(args.result)
+    if result.get("kind") != "run":
+        raise ResultError(f"{args.result}: report reads run results")
+    images = render(result)
+    if args.png is not None:
+        for path in write_pngs(images, args.png):
+            print(path)
+    if args.html is not None:
+        write_html(result, images, args.html)
+        print(args.html)
+    return 0
