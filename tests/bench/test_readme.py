@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from tests.bench.conftest import ROOT
 from tests.conftest import require_tool
@@ -31,6 +35,25 @@ def _workflow_commands() -> list[str]:
     return [c for c in commands if c.startswith("enrollbench")]
 
 
+def console_environment(base: dict[str, str]) -> dict[str, str]:
+    """`base` with the folder of the interpreter running the tests first on PATH.
+
+    The workflow's commands call the `enrollbench` console script by name; the one to run is the
+    one installed beside this interpreter (`.venv/bin/enrollbench`), whether or not that
+    environment is activated: a fresh clone run with a plain PATH has none on it.
+    """
+    scripts = Path(sys.executable).parent
+    return {**base, "PATH": os.pathsep.join([str(scripts), base.get("PATH", os.defpath)])}
+
+
+def test_console_script_is_found_beside_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a plain PATH (no venv activated), `enrollbench` resolves to the one beside python."""
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin:/bin")
+    monkeypatch.delenv("VIRTUAL_ENV", raising=False)
+    found = shutil.which("enrollbench", path=console_environment(dict(os.environ))["PATH"])
+    assert found == str(Path(sys.executable).parent / "enrollbench")
+
+
 def test_workflow_has_the_gate_suite_compare_and_export() -> None:
     """The example workflow gates, runs the suite, compares and exports."""
     verbs = [command.split()[1] for command in _workflow_commands()]
@@ -44,7 +67,7 @@ def test_workflow_commands_run(tmp_path: Path) -> None:
     clone = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     summary = tmp_path / "summary.md"
-    environment = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary)}
+    environment = console_environment({**os.environ, "GITHUB_STEP_SUMMARY": str(summary)})
     for command in _workflow_commands():
         concrete = command.replace("origin/${{ github.base_ref }}", "HEAD").replace(
             "--budget 120", "--budget 40"
