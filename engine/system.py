@@ -42,7 +42,7 @@ from engine.stores import (
     SqliteDirectory,
 )
 
-_NO_DELAY = Distribution("fixed")
+_NO_DELAY = Distribution("fixed", mean=0.0)
 
 
 @dataclass(frozen=True, slots=True)
