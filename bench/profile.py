@@ -31,7 +31,11 @@ PROFILE_DIRECTORY = _CHECKOUT if _CHECKOUT.is_dir() else _INSTALLED
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One key of the schema: its default, a check, and the words that say what is allowed."""
+    """One key of the schema: its default, a check, and the words that say what is allowed.
+
+    `check` returns False for a value outside `allowed`, or raises ValueError whose message says
+    what is wrong when a fixed phrase cannot (a delay table's parameters).
+    """
 
     default: Any
     allowed: str
@@ -63,29 +67,45 @@ def _key_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(v in KEY_SPECS for v in value)
 
 
-_DISTRIBUTION_KEYS = {"kind", "mean", "low", "high", "sigma"}
+DISTRIBUTION_KINDS = ("fixed", "uniform", "exponential", "lognormal")
+_DISTRIBUTION_KEYS = ("kind", "mean", "low", "high", "sigma")
 
 
 def _distribution(value: Any) -> bool:
-    if not isinstance(value, dict) or not set(value) <= _DISTRIBUTION_KEYS:
-        return False
-    try:
-        _make_distribution(value)
-    except (TypeError, ValueError):
-        return False
+    """A delay table; what is wrong with it is raised as ValueError, so the message says why."""
+    _make_distribution(value)
     return True
 
 
-def _make_distribution(value: Mapping[str, Any]) -> Distribution:
+def _make_distribution(value: Any) -> Distribution:
+    """The engine's Distribution from a profile table, passing only the parameters given.
+
+    The engine refuses a parameter a kind ignores and requires the ones it needs; its message
+    (naming the kind and the parameter) is what the user sees.
+    """
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table {{kind = {'|'.join(DISTRIBUTION_KINDS)}, ...}}")
+    unknown = sorted(set(value) - set(_DISTRIBUTION_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown parameter {unknown[0]!r}{_suggest(unknown[0], _DISTRIBUTION_KEYS)}; "
+            f"a delay table takes {', '.join(_DISTRIBUTION_KEYS)}"
+        )
     kind = value.get("kind")
-    if kind not in ("fixed", "uniform", "exponential", "lognormal"):
-        raise ValueError(kind)
-    numbers = {k: float(v) for k, v in value.items() if k != "kind"}
+    if kind not in DISTRIBUTION_KINDS:
+        raise ValueError(f"kind = {kind!r}: expected one of {'|'.join(DISTRIBUTION_KINDS)}")
+    numbers: dict[str, float] = {}
+    for key, number in value.items():
+        if key == "kind":
+            continue
+        if type(number) not in (int, float):
+            raise ValueError(f"{key} = {number!r}: expected a number of seconds")
+        numbers[key] = float(number)
     return Distribution(kind, **numbers)
 
 
 _KEYS = ", ".join(KEY_SPECS)
-_DIST = "a table {kind = fixed|uniform|exponential|lognormal, mean, low, high, sigma} (seconds)"
+_DIST = "a delay table {kind = fixed|uniform|exponential|lognormal, its parameters} (s)"
 NO_DELAY = {"kind": "fixed", "mean": 0.0}
 
 SCHEMA: dict[str, dict[str, Rule]] = {
@@ -238,6 +258,20 @@ SCHEMA: dict[str, dict[str, Rule]] = {
             0, "an integer from 0 to 1024 (0: one per core)", _integer(0, 1024), "shard processes"
         ),
     },
+    "expect": {
+        "issued_fraction": Rule(
+            1.0,
+            "a number from 0 to 1",
+            _number(0.0, 1.0),
+            "share of started devices this profile expects issued",
+        ),
+        "tolerance": Rule(
+            0.0,
+            "a number from 0 to 1",
+            _number(0.0, 1.0),
+            "how far below issued_fraction the issued share may fall (sampling error)",
+        ),
+    },
     "storage": {
         "database": Rule(
             "memory",
@@ -322,7 +356,18 @@ def validate(raw: Mapping[str, Any], name: str, source: str) -> Profile:
         )
     if values["ca"]["profile_id"] is None:
         values["ca"]["profile_id"] = name
+    _check_load_window(values["load"], source)
     return Profile(name, source, values)
+
+
+def _check_load_window(load: Mapping[str, Any], source: str) -> None:
+    """A duration-bound run must measure something after its warm-up."""
+    duration, warmup = load["duration"], load["warmup_seconds"]
+    if duration > 0 and warmup >= duration:
+        raise ProfileError(
+            f"{source}: load.warmup_seconds = {warmup!r} is not allowed: it must be below "
+            f"load.duration = {duration!r} (nothing would be measured)"
+        )
 
 
 def _accept(
@@ -336,7 +381,11 @@ def _accept(
             known += [s for s in SCHEMA if s]
         raise ProfileError(f"{source}: unknown key {dotted!r}{_suggest(dotted, known)}")
     rule = rules[key]
-    if not rule.check(value):
+    try:
+        allowed = rule.check(value)
+    except (TypeError, ValueError) as exc:
+        raise ProfileError(f"{source}: {dotted} = {value!r} is not allowed: {exc}") from exc
+    if not allowed:
         raise ProfileError(
             f"{source}: {dotted} = {value!r} is not allowed: expected {rule.allowed}"
         )
