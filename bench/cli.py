@@ -1,7 +1,8 @@
 """enrollbench: benchmark certificate enrollment.
 
-Exit codes: 0 success; 1 the run finished but something is wrong with it (devices not issued
-where all should be, unaccounted devices); 2 usage or input error (a one-line message).
+Exit codes: 0 success; 1 the run finished but something is wrong with it (fewer devices issued
+than the profile expects, outcomes that do not add up to the devices started: the result is
+written all the same, and one line says why); 2 usage or input error (a one-line message).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,27 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def check_outcomes(result: Mapping[str, Any]) -> None:
+    """Raise AccountingError (exit 1) when outcomes do not add up to the devices started, or
+    fewer devices were issued than the profile expects (expect.issued_fraction - tolerance)."""
+    check_accounting(result)
+    outcomes = result["outcomes"]
+    expected = outcomes.get("expected")
+    if expected is None:
+        raise AccountingError("the result has no outcomes.expected block to judge the run by")
+    if expected["met"]:
+        return
+    least = max(0.0, expected["issued_fraction"] - expected["tolerance"])
+    others = {**outcomes["rejected"], **outcomes["failed"]}
+    why = ", ".join(f"{count} {reason}" for reason, count in others.items()) or "none"
+    raise AccountingError(
+        f"{outcomes['issued']}/{outcomes['started']} issued "
+        f"({expected['issued_share']:.1%}), the profile expects at least {least:.1%} "
+        f"(expect.issued_fraction {expected['issued_fraction']:g}, tolerance "
+        f"{expected['tolerance']:g}); rejected or failed: {why}"
+    )
+
+
 def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
@@ -97,7 +119,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         result_note = ""
     print_summary(result, out, quiet=args.quiet, note=result_note)
-    check_accounting(result)
+    problem = _judge(result, output.interrupted)
+    if problem:
+        raise AccountingError(problem)
     return 130 if output.interrupted else 0
 
 
@@ -157,12 +181,26 @@ def _profiles(args: argparse.Namespace) -> int:
     return 2 if failures else 0
 
 
+def _judge(result: Mapping[str, Any], interrupted: bool) -> str | None:
+    """Why a run fails (exit 1), or None; a run cut short is not held to the expectation."""
+    try:
+        if interrupted:
+            check_accounting(result)
+        else:
+            check_outcomes(result)
+    except AccountingError as exc:
+        return str(exc)
+    return None
+
+
 def _suite(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     out = args.out or Path("results") / f"suite-{suite.name}-{_stamp()}"
     out.mkdir(parents=True, exist_ok=True)
     check_writable(out / "index.json")
     entries = []
+    problems: list[str] = []
+    interrupted = False
     for name in suite.profiles:
         profile = load_profile(name, [*suite.overrides, *args.set])
         workers = resolve_workers(profile, args.workers)
@@ -172,9 +210,12 @@ def _suite(args: argparse.Namespace) -> int:
         path = out / f"{profile.name}.json"
         write_result(path, result)
         print_summary(result, path, quiet=True)
-        check_accounting(result)
         entries.append({"profile": profile.name, "result": path.name})
-        if output.interrupted:
+        interrupted = output.interrupted
+        problem = _judge(result, interrupted)  # every profile runs; the suite fails at the end
+        if problem:
+            problems.append(f"{profile.name}: {problem}")
+        if interrupted:
             break
     write_result(
         out / "index.json",
@@ -188,7 +229,9 @@ def _suite(args: argparse.Namespace) -> int:
         },
     )
     Console().print(f"suite {suite.name}: {len(entries)} results in {out}", highlight=False)
-    return 0
+    for problem in problems:
+        print(f"enrollbench: error: {problem}", file=sys.stderr)
+    return 1 if problems else 130 if interrupted else 0
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.cli import check_outcomes
 from bench.corpus import load_keys
+from bench.errors import AccountingError
 from bench.results import SCHEMA_VERSION, read_result
-from tests.bench.conftest import CLI, ROOT, run_cli
+from tests.bench.conftest import CLI, ROOT, run_cli, synthetic_result
 
 
 def test_run_writes_a_result_and_one_quiet_line(tmp_path: Path) -> None:
@@ -54,6 +56,17 @@ def test_result_has_no_private_keys_or_host_name(tmp_path: Path) -> None:
         (["run", "smoke", "--rate", "5", "--concurrency", "3"], "not allowed with argument"),
         (["run", "smoke", "--out", "/nonexistent/dir/r.json"], "does not exist"),
         (["run", "smoke", "--workers", "0"], "--workers must be at least 1"),
+        (
+            ["run", "p256-auto", "--duration", "0.5"],
+            "load.warmup_seconds = 1.0 is not allowed: it must be below load.duration = 0.5",
+        ),
+        (
+            ["run", "smoke", "--set", "link.latency={kind='uniform', mean=1, low=0, high=2}"],
+            "link.latency = {'kind': 'uniform', 'mean': 1, 'low': 0, 'high': 2} is not allowed: "
+            "uniform distribution takes no 'mean'",
+        ),
+        (["run", "smoke", "--set", "approval.delay=3"], "approval.delay = 3 is not allowed"),
+        (["run", "smoke", "--set", "expect.issued_fraction=2"], "expect.issued_fraction = 2"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
@@ -100,3 +113,68 @@ def test_ctrl_c_writes_what_was_measured(tmp_path: Path) -> None:
     assert result["interrupted"] is True
     assert result["outcomes"]["accounted"]
     assert result["outcomes"]["issued"] > 0
+
+
+def test_expected_outcomes_pass() -> None:
+    """All issued where all are expected, or 97% issued where 98% +- 2% are, is a good run."""
+    check_outcomes(synthetic_result(issued=300))
+    check_outcomes(synthetic_result(issued=97, rejected=3, issued_fraction=0.98, tolerance=0.02))
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        (synthetic_result(issued=0, rejected=300), "0/300 issued (0.0%), the profile expects"),
+        (
+            synthetic_result(issued=90, rejected=10, issued_fraction=0.98, tolerance=0.02),
+            "90/100 issued (90.0%), the profile expects at least 96.0%",
+        ),
+        (synthetic_result(issued=0), "0/0 issued"),
+    ],
+)
+def test_fewer_issued_than_expected_is_an_accounting_error(
+    result: dict[str, object], message: str
+) -> None:
+    """Fewer devices issued than the profile expects fails the run, saying how many and why."""
+    with pytest.raises(AccountingError, match=re.escape(message)):
+        check_outcomes(result)
+
+
+def test_outcomes_that_do_not_add_up_fail() -> None:
+    """A result whose outcomes miss devices fails even when the expectation is met."""
+    result = synthetic_result(issued=100)
+    result["outcomes"]["accounted"] = False
+    result["outcomes"]["started"] = 101
+    with pytest.raises(AccountingError, match="add up to 100 but 101"):
+        check_outcomes(result)
+
+
+def test_run_with_every_device_rejected_exits_1(tmp_path: Path) -> None:
+    """A CA that accepts no device key type rejects all: result written, one line, exit 1."""
+    out = tmp_path / "rejected.json"
+    done = run_cli(
+        "run", "smoke", "--devices", "40", "--quiet", "--out", str(out),
+        "--set", "ca.allowed_keys=['p384']",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "0/40 issued (0.0%), the profile expects at least 100.0%" in done.stderr
+    assert "40 unsupported-key" in done.stderr
+    result = read_result(out)
+    assert result["outcomes"]["rejected"] == {"unsupported-key": 40}
+    assert result["outcomes"]["expected"]["met"] is False
+
+
+def test_suite_runs_every_profile_then_exits_1_when_one_falls_short(tmp_path: Path) -> None:
+    """A suite judges each result, writes them and index.json, then exits 1 naming the profile."""
+    suite = tmp_path / "strict.toml"
+    suite.write_text(
+        'description = "x"\nprofiles = ["smoke"]\n'
+        'overrides = ["ca.allowed_keys=[\'p384\']", "load.devices=20"]\n'
+        '[rules]\nthroughput = "-5%"\n'
+    )
+    out = tmp_path / "out"
+    done = run_cli("suite", str(suite), "--out", str(out), "--quiet")
+    assert done.returncode == 1, done.stderr
+    assert "enrollbench: error: smoke: 0/20 issued" in done.stderr
+    assert (out / "smoke.json").exists() and (out / "index.json").exists()
