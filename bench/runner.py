@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -52,6 +53,7 @@ class RunOutput:
     interrupted: bool
     material: CAMaterial
     peak_rss_bytes: int
+    started_at: str  # UTC, ISO 8601: when the measured run began
 
 
 ProgressSink = Callable[[dict[int, dict[str, int]]], None]
@@ -257,13 +259,14 @@ def execute(
         fleet.wait_ready()
         startup_s = time.perf_counter() - began - corpus_s
         start_ns = time.perf_counter_ns() + int(START_DELAY_S * 1e9)
+        started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         fleet.go(start_ns)
         shards, died, interrupted = fleet.collect(progress)
     finally:
         fleet.stop()
     # The peak is sampled while the shards run, a few times a second.
     timings = {"corpus_s": corpus_s, "startup_s": startup_s}
-    return RunOutput(shards, died, timings, interrupted, material, fleet.peak_rss)
+    return RunOutput(shards, died, timings, interrupted, material, fleet.peak_rss, started_at)
 
 
 def write_artifacts(folder: Path, material: CAMaterial, shards: Sequence[ShardResult]) -> int:

@@ -22,6 +22,26 @@ def arrival_offsets(
         work = np.cumsum(gaps) - gaps[0]  # the first arrival at time 0
     else:
         work = np.arange(count, dtype=np.float64)
+    return _seconds_to_ns(work, rate, ramp_seconds)
+
+
+def arrivals_until(
+    duration_ns: int, rate: float, arrival: str, ramp_seconds: float, seed: int
+) -> npt.NDArray[np.int64]:
+    """Every arrival intended before `duration_ns`: a Poisson schedule is drawn until the
+    duration ends, never cut short by a guessed count."""
+    expected = rate * (duration_ns / 1e9 - ramp_seconds / 2.0)
+    count = max(16, int(expected + 6.0 * np.sqrt(max(expected, 1.0))) + 16)
+    while True:
+        offsets = arrival_offsets(count, rate, arrival, ramp_seconds, seed)
+        if offsets[-1] >= duration_ns:
+            return offsets[: arrivals_within(offsets, duration_ns)]
+        count *= 2  # the same seed draws the same prefix, so the schedule only grows
+
+
+def _seconds_to_ns(
+    work: npt.NDArray[np.float64], rate: float, ramp_seconds: float
+) -> npt.NDArray[np.int64]:
     # `work` counts arrivals; time t has seen rate*t arrivals, or rate*t^2/(2R) during a ramp R.
     ramp_arrivals = rate * ramp_seconds / 2.0
     seconds = np.where(

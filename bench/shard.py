@@ -17,18 +17,20 @@ import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from bench.corpus import CorpusSpec, read_corpus
 from bench.histogram import Histogram
+from bench.pacer import Pacer, timer_error_ns
 from bench.profile import Profile
-from bench.schedule import arrival_offsets, arrivals_within
+from bench.schedule import arrival_offsets, arrivals_until, arrivals_within
 from bench.workloads import run_ready
 from engine.device import DeviceIdentity
 from engine.flow import Outcome, Status, Step
@@ -37,12 +39,13 @@ from engine.system import CAMaterial, EnrollmentSystem
 
 STEPS = tuple(Step)
 # slot 0: intended start; slots 1-14: the start of each step (by step number);
-# slot 15: the end of the last step; slot 16: the actual start
-_SLOTS = 3 + len(STEPS)
+# slot 15: the end of the last step; slot 16: the actual start; slot 17: the generator's own
+# timer error in starting it (open loop)
+_SLOTS = 4 + len(STEPS)
 _FINISH = len(STEPS) + 1
 _STARTED = len(STEPS) + 2
+_TIMER_ERROR = len(STEPS) + 3
 TICK_SECONDS = 0.25
-YIELD_NS = 2_000_000  # a closed-loop worker hands the loop back at least every 2 ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +69,6 @@ class ShardResult:
     outcomes: dict[str, int]
     started: int
     measured: int
-    measured_issued: int
     histograms: dict[str, str]
     completed_per_second: list[int]
     issued_per_second: list[int]
@@ -74,9 +76,12 @@ class ShardResult:
     cache: dict[str, int]
     process_cpu_s: float
     elapsed_s: float
-    generator_cpu_s: float
+    engine_cpu_s: float
     offered: int
+    offered_in_window: int
     window_ns: tuple[int, int]
+    completed_in_window: int
+    issued_in_window: int
     interrupted: bool
     samples: list[tuple[str, bytes]]
 
@@ -86,10 +91,11 @@ class _Times:
 
     __slots__ = ("t",)
 
-    def __init__(self, intended: int, started: int) -> None:
+    def __init__(self, intended: int, started: int, timer_error: int = 0) -> None:
         self.t = [0] * _SLOTS
         self.t[0] = intended
         self.t[_STARTED] = started
+        self.t[_TIMER_ERROR] = timer_error
 
     def start(self, step: Step, clock: Callable[[], int] = time.perf_counter_ns) -> None:
         self.t[step] = clock()
@@ -102,29 +108,40 @@ _STATUS_CODE = {Status.ISSUED: 0, Status.REJECTED: 1, Status.FAILED: 2}
 
 
 class _Collector:
-    """Accumulates raw rows and folds them into histograms and per-second series on each tick."""
+    """Accumulates raw rows and folds them into histograms and per-second series on each tick.
 
-    def __init__(self, start_ns: int, warmup_ns: int) -> None:
+    Throughput counts completions inside the window in which load was offered: from the end of
+    warm-up to `window_end` (the last scheduled arrival in an open loop, the end of the load in
+    a closed one; None: until the last completion). Latency samples are the enrollments
+    intended to start after warm-up.
+    """
+
+    def __init__(self, start_ns: int, warmup_ns: int, window_end: int | None = None) -> None:
         self.start_ns = start_ns
         self.warmup_end = start_ns + warmup_ns
+        self.window_end = window_end
         self.rows: list[list[int]] = []
         self.outcomes: Counter[str] = Counter()
         self.histograms: dict[str, Histogram] = {}
         self.completed = np.zeros(0, dtype=np.int64)
         self.issued = np.zeros(0, dtype=np.int64)
         self.measured = 0
-        self.measured_issued = 0
+        self.completed_in_window = 0
+        self.issued_in_window = 0
         self.last_end = start_ns
 
-    def add(self, times: _Times, outcome: Outcome) -> None:
+    def add(self, times: _Times, outcome: Outcome) -> int:
+        """Record one finished enrollment; return the instant it ended."""
         row = times.t
-        row.append(time.perf_counter_ns())
+        end = time.perf_counter_ns()
+        row.append(end)
         row.append(_STATUS_CODE[outcome.status])
         self.rows.append(row)
         key = outcome.status.value
         if outcome.status is not Status.ISSUED:
             key += ":" + (outcome.reason if outcome.status is Status.REJECTED else outcome.error)
         self.outcomes[key] += 1
+        return end
 
     def fold(self) -> None:
         """Turn the buffered rows into histogram counts and series (vectorized)."""
@@ -136,17 +153,25 @@ class _Collector:
         ends, status = rows[:, -2], rows[:, -1]
         self.last_end = max(self.last_end, int(ends.max()))
         self._count_series(ends, status, rows[:, Step.RETRIEVE])  # the CA's issue ended there
+        in_window = ends >= self.warmup_end
+        if self.window_end is not None:
+            in_window &= ends <= self.window_end
+        self.completed_in_window += int(in_window.sum())
+        self.issued_in_window += int((in_window & (status == 0)).sum())
         measured = intended >= self.warmup_end
         self.measured += int(measured.sum())
         issued = measured & (status == 0)
-        self.measured_issued += int(issued.sum())
         self._record("end_to_end.latency", (ends - intended)[issued])
         self._record("end_to_end.service", (ends - started)[issued])
         for step in STEPS:  # a step ends where the next one starts
             begin, finish = rows[:, step], rows[:, step + 1]
             done = measured & (begin > 0) & (finish > 0)
             self._record(f"step.{step.label}", (finish - begin)[done])
-        self._record("schedule_lag", (started - intended)[measured])
+        self._record("timer_error", rows[:, _TIMER_ERROR][measured])
+
+    def window(self) -> tuple[int, int]:
+        end = self.last_end if self.window_end is None else self.window_end
+        return self.warmup_end, max(self.warmup_end, end)
 
     def _record(self, name: str, nanoseconds: np.ndarray[Any, np.dtype[np.int64]]) -> None:
         histogram = self.histograms.get(name)
@@ -179,103 +204,193 @@ def _add_counts(
     return series
 
 
+class System(Protocol):
+    """What a shard drives: the engine replica (or a test double of known cost)."""
+
+    @property
+    def approvals_pending(self) -> int: ...
+
+    async def enroll(self, identity: DeviceIdentity, recorder: _Times) -> Outcome: ...
+
+    def close(self) -> None: ...
+
+
+class _CpuMeter:
+    """CPU time this thread spent inside the engine's coroutines (each resumption timed)."""
+
+    __slots__ = ("ns",)
+
+    def __init__(self) -> None:
+        self.ns = 0
+
+
+class _Metered:
+    """Drives a coroutine on behalf of the awaiting task, timing each resumption's CPU.
+
+    Everything else the shard's thread does (event loop, task creation, timers, the
+    generator's bookkeeping, folding) is the generator's own cost: process CPU minus this.
+    """
+
+    __slots__ = ("_coroutine", "_meter")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, Outcome], meter: _CpuMeter) -> None:
+        self._coroutine = coroutine
+        self._meter = meter
+
+    def __await__(self) -> Generator[Any, Any, Outcome]:
+        clock, meter = time.thread_time_ns, self._meter
+        send, throw = self._coroutine.send, self._coroutine.throw
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            began = clock()
+            try:
+                yielded = send(value) if error is None else throw(error)
+            except StopIteration as done:
+                meter.ns += clock() - began
+                return cast(Outcome, done.value)
+            except BaseException:
+                meter.ns += clock() - began
+                raise
+            meter.ns += clock() - began
+            value, error = None, None
+            try:
+                value = yield yielded
+            except BaseException as exc:  # handed on to the coroutine
+                error = exc
+
+
+def engine_system(plan: ShardPlan, directory: str) -> tuple[System, list[DeviceIdentity]]:
+    """The shard's engine replica and its devices' identities, built before the clock."""
+    profile = plan.profile
+    seed = profile.get("", "seed")
+    database = ":memory:"
+    if profile.get("storage", "database") == "file":
+        database = str(Path(directory) / f"shard{plan.index}.sqlite")
+    config = profile.engine_config(database)
+    enrollees = [simulated_enrollee(i, seed) for i in plan.device_indices]
+    iterations = profile.get("auth", "iterations")
+    system = EnrollmentSystem(
+        config, plan.material, [directory_entry(e, seed, iterations) for e in enrollees]
+    )
+    corpus = None if plan.corpus is None else read_corpus(plan.corpus, plan.device_indices)
+    identities = [
+        device_identity(e, config.profile_id)
+        if corpus is None
+        else device_identity(e, config.profile_id, *corpus[n])
+        for n, e in enumerate(enrollees)
+    ]
+    return system, identities
+
+
+SystemFactory = Callable[[ShardPlan, str], tuple[System, list[DeviceIdentity]]]
+
+
 class Shard:
     """Runs one shard's share of the load on the current event loop."""
 
-    def __init__(self, plan: ShardPlan, directory: str) -> None:
+    def __init__(
+        self, plan: ShardPlan, directory: str, factory: SystemFactory = engine_system
+    ) -> None:
         self.plan = plan
-        profile = plan.profile
-        seed = profile.get("", "seed")
-        database = ":memory:"
-        if profile.get("storage", "database") == "file":
-            database = str(Path(directory) / f"shard{plan.index}.sqlite")
-        self.config = profile.engine_config(database)
-        enrollees = [simulated_enrollee(i, seed) for i in plan.device_indices]
-        iterations = profile.get("auth", "iterations")
-        self.system = EnrollmentSystem(
-            self.config, plan.material, [directory_entry(e, seed, iterations) for e in enrollees]
-        )
-        corpus = None if plan.corpus is None else read_corpus(plan.corpus, plan.device_indices)
-        self.identities = [
-            device_identity(e, self.config.profile_id)
-            if corpus is None
-            else device_identity(e, self.config.profile_id, *corpus[n])
-            for n, e in enumerate(enrollees)
-        ]
+        self.system, self.identities = factory(plan, directory)
         self.stop = False
         self.in_flight = 0
         self.started = 0
         self.offered = 0
+        self.offered_in_window = 0
         self.samples: list[tuple[str, int]] = []
         self.approval_depth: list[int] = []
-        self.per_enrollment_cost_ns = _calibrate(self)
-        self.tick_cpu_ns = 0
+        self.engine_cpu = _CpuMeter()
 
-    async def enroll(self, identity: DeviceIdentity, intended: int, sink: _Collector) -> None:
-        times = _Times(intended, time.perf_counter_ns())
+    async def enroll(
+        self, identity: DeviceIdentity, intended: int, sink: _Collector, timer_error: int = 0
+    ) -> int:
+        """One device's enrollment; returns the instant it ended."""
+        times = _Times(intended, time.perf_counter_ns(), timer_error)
         self.started += 1
         self.in_flight += 1
         try:
-            outcome = await self.system.enroll(identity, times)
+            outcome = await _Metered(self.system.enroll(identity, times), self.engine_cpu)
         finally:
             self.in_flight -= 1
-        sink.add(times, outcome)
         if outcome.serial is not None and len(self.samples) < self.plan.artifacts_sample:
             self.samples.append((identity.user_id, outcome.serial))
+        return sink.add(times, outcome)
 
-    async def closed_loop(self, sink: _Collector, concurrency: int, deadline: int) -> None:
-        """`concurrency` devices in flight; each worker takes the next device when one ends."""
+    async def closed_loop(
+        self, sink: _Collector, concurrency: int, start: int, deadline: int
+    ) -> None:
+        """`concurrency` devices in flight; each worker takes the next device when one ends.
+
+        A device's intended start is the instant its previous enrollment ended (the run's start
+        for the first): time spent waiting for a busy shard counts as latency. Workers hand the
+        loop back after each enrollment, so devices are served in turn (first come, first
+        served), as they would queue at a CA.
+        """
         limit = len(self.identities) if deadline == 0 else None
         counter = iter(range(10**15))
+        hand_back = concurrency > 1
 
         async def worker() -> None:
-            yielded = time.perf_counter_ns()
+            intended = start
             while not self.stop:
                 n = next(counter)
-                if limit is not None and n >= limit:
+                if (limit is not None and n >= limit) or (deadline and intended >= deadline):
                     return
-                now = time.perf_counter_ns()
-                if deadline and now >= deadline:
-                    return
-                if now - yielded >= YIELD_NS:
-                    # An enrollment that never waits never gives the loop back: yield now and
-                    # then, so the other workers and the ticker run.
-                    await asyncio.sleep(0)
-                    yielded = now = time.perf_counter_ns()
                 self.offered += 1
-                await self.enroll(self.identities[n % len(self.identities)], now, sink)
+                if intended >= sink.warmup_end:
+                    self.offered_in_window += 1
+                identity = self.identities[n % len(self.identities)]
+                intended = await self.enroll(identity, intended, sink)
+                if hand_back:
+                    await asyncio.sleep(0)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
-    async def open_loop(self, sink: _Collector, start: int, deadline: int) -> None:
-        """Start each device at its intended time; lateness is recorded, never hidden."""
-        load = self.plan.profile.values["load"]
-        workers = self.plan.workers
-        rate = float(load["rate"]) / workers
-        duration = deadline - start if deadline else 0
-        count = int(rate * duration / 1e9) + 16 if deadline else len(self.identities)
-        seed = self.plan.profile.get("", "seed") * 1024 + self.plan.index
-        offsets = arrival_offsets(count, rate, load["arrival"], float(load["ramp_seconds"]), seed)
-        if load["arrival"] == "constant":  # interleave the shards' arrivals evenly
-            offsets = offsets + int(self.plan.index * 1e9 / float(load["rate"]))
-        count = arrivals_within(offsets, duration)
-        tasks: set[asyncio.Task[None]] = set()
-        n = 0
-        while n < count and not self.stop:
-            now = time.perf_counter_ns()
-            intended = start + int(offsets[n])
-            if intended > now:
-                await asyncio.sleep((intended - now) / 1e9)
-                continue
-            while n < count and start + int(offsets[n]) <= now:
-                identity = self.identities[n % len(self.identities)]
-                task = asyncio.ensure_future(self.enroll(identity, start + int(offsets[n]), sink))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                n += 1
-                self.offered += 1
+    async def open_loop(self, sink: _Collector, offsets: npt.NDArray[np.int64], start: int) -> None:
+        """Start each device at its intended time; lateness is recorded, never hidden.
+
+        The pacer wakes the generator at each arrival's instant; every arrival already due
+        then starts at once. The part of its lateness that the shard's CPU work cannot explain
+        is the generator's own timer error, recorded beside it.
+        """
+        pacer = Pacer()
+        tasks: set[asyncio.Task[int]] = set()
+        count, n = int(offsets.size), 0
+        try:
+            while n < count and not self.stop:
+                wake = await pacer.until(start + int(offsets[n]))
+                while n < count and start + int(offsets[n]) <= wake.now:
+                    intended = start + int(offsets[n])
+                    error = timer_error_ns(intended, wake)
+                    identity = self.identities[n % len(self.identities)]
+                    task = asyncio.ensure_future(self.enroll(identity, intended, sink, error))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    n += 1
+                    self.offered += 1
+                    self.offered_in_window += intended >= sink.warmup_end
+        finally:
+            pacer.close()
         if tasks:
             await asyncio.gather(*tasks)
+
+    def schedule(self, start: int, deadline: int) -> npt.NDArray[np.int64]:
+        """This shard's arrival offsets (ns from the start): its share of the profile's rate."""
+        load = self.plan.profile.values["load"]
+        rate = float(load["rate"]) / self.plan.workers
+        seed = self.plan.profile.get("", "seed") * 1024 + self.plan.index
+        ramp = float(load["ramp_seconds"])
+        if deadline:
+            offsets = arrivals_until(deadline - start, rate, load["arrival"], ramp, seed)
+        else:
+            offsets = arrival_offsets(len(self.identities), rate, load["arrival"], ramp, seed)
+        if load["arrival"] == "constant":  # interleave the shards' arrivals evenly
+            offsets = offsets + int(self.plan.index * 1e9 / float(load["rate"]))
+            if deadline:
+                offsets = offsets[: arrivals_within(offsets, deadline - start)]
+        return offsets
 
     async def ticker(self, sink: _Collector, progress: Callable[[dict[str, int]], None]) -> None:
         """Fold buffered rows, sample the approval queue, report progress."""
@@ -284,19 +399,18 @@ class Shard:
             self.tick(sink, progress)
 
     def tick(self, sink: _Collector, progress: Callable[[dict[str, int]], None]) -> None:
-        before = time.thread_time_ns()
         sink.fold()
         self.approval_depth.append(self.system.approvals_pending)
         progress(
             {
                 "started": self.started,
                 "done": sum(sink.outcomes.values()),
+                "issued": sink.outcomes.get("issued", 0),
                 "errors": sum(v for k, v in sink.outcomes.items() if k != "issued"),
                 "pending": self.system.approvals_pending,
                 "in_flight": self.in_flight,
             }
         )
-        self.tick_cpu_ns += time.thread_time_ns() - before
 
     async def run(
         self, start: int, progress: Callable[[dict[str, int]], None]
@@ -304,17 +418,22 @@ class Shard:
         load = self.plan.profile.values["load"]
         warmup = int(float(load["warmup_seconds"]) * 1e9)
         deadline = start + int(float(load["duration"]) * 1e9) if load["duration"] else 0
-        sink = _Collector(start, warmup)
+        offsets = self.schedule(start, deadline) if load["mode"] == "open" else None
+        if offsets is not None:  # load is offered until the last scheduled arrival
+            window_end: int | None = start + int(offsets[-1]) if offsets.size else start
+        else:
+            window_end = deadline or None
+        sink = _Collector(start, warmup, window_end)
         now = time.perf_counter_ns()
         if start > now:
             await asyncio.sleep((start - now) / 1e9)
         ticker = asyncio.ensure_future(self.ticker(sink, progress))
         try:
-            if load["mode"] == "open":
-                await self.open_loop(sink, start, deadline)
+            if offsets is not None:
+                await self.open_loop(sink, offsets, start)
             else:
                 share = _share(int(load["concurrency"]), self.plan.workers, self.plan.index)
-                await self.closed_loop(sink, share, deadline)
+                await self.closed_loop(sink, share, start, deadline)
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -326,32 +445,40 @@ class Shard:
         self, sink: _Collector, interrupted: bool, cpu_s: float, elapsed_s: float
     ) -> ShardResult:
         per_second = self.approval_depth[:: max(1, round(1 / TICK_SECONDS))]
-        generator_ns = self.tick_cpu_ns + self.per_enrollment_cost_ns * self.started
         return ShardResult(
             index=self.plan.index,
             outcomes=dict(sink.outcomes),
             started=self.started,
             measured=sink.measured,
-            measured_issued=sink.measured_issued,
             histograms={name: h.encode() for name, h in sink.histograms.items()},
             completed_per_second=[int(v) for v in sink.completed],
             issued_per_second=[int(v) for v in sink.issued],
             approvals_pending=per_second,
-            cache=dataclasses.asdict(self.system.connection.cache.counts),
+            cache=self._cache_counts(),
             process_cpu_s=cpu_s,
             elapsed_s=elapsed_s,
-            generator_cpu_s=generator_ns / 1e9,
+            engine_cpu_s=self.engine_cpu.ns / 1e9,
             offered=self.offered,
-            window_ns=(sink.warmup_end, sink.last_end),
+            offered_in_window=self.offered_in_window,
+            window_ns=sink.window(),
+            completed_in_window=sink.completed_in_window,
+            issued_in_window=sink.issued_in_window,
             interrupted=interrupted,
             samples=self._sample_certificates(),
         )
 
+    def _cache_counts(self) -> dict[str, int]:
+        connection = getattr(self.system, "connection", None)
+        return {} if connection is None else dataclasses.asdict(connection.cache.counts)
+
     def _sample_certificates(self) -> list[tuple[str, bytes]]:
+        if not self.samples:
+            return []
+        system = cast(EnrollmentSystem, self.system)
         found = []
         for user_id, serial in self.samples:
-            user = run_ready(self.system.directory.lookup_user(user_id))
-            found.append((user_id, run_ready(self.system.directory.retrieve(user.dn.text, serial))))
+            user = run_ready(system.directory.lookup_user(user_id))
+            found.append((user_id, run_ready(system.directory.retrieve(user.dn.text, serial))))
         return found
 
 
@@ -360,43 +487,13 @@ def _share(total: int, workers: int, index: int) -> int:
     return total // workers + (1 if index < total % workers else 0)
 
 
-class _NullSystem:
-    """Stands in for the engine while the generator's own cost is measured."""
-
-    approvals_pending = 0
-
-    async def enroll(self, identity: DeviceIdentity, recorder: _Times) -> Outcome:
-        for step in STEPS:
-            recorder.start(step)
-        recorder.finish()
-        return Outcome(identity.device_id, Status.ISSUED, Step.INSTALL)
-
-
-def _calibrate(shard: Shard, rounds: int = 2000) -> int:
-    """The generator's own CPU per enrollment, in ns: `Shard.enroll` (timestamps, counters,
-    outcome bookkeeping) and the fold into histograms, around an engine that does nothing.
-
-    The stand-in's own coroutine and outcome are counted too, so the estimate errs high.
-    """
-    engine, shard.system = shard.system, _NullSystem()  # type: ignore[assignment]
-    sink = _Collector(time.perf_counter_ns(), 0)
-    identity = shard.identities[0]
-    began = time.thread_time_ns()
-    try:
-        for _ in range(rounds):
-            run_ready(shard.enroll(identity, 0, sink))
-        sink.fold()
-    finally:
-        shard.system = engine
-        shard.started = shard.in_flight = 0
-    return (time.thread_time_ns() - began) // rounds
-
-
-def shard_main(channel: Connection, use_uvloop: bool) -> None:
+def shard_main(
+    channel: Connection, use_uvloop: bool, factory: SystemFactory = engine_system
+) -> None:
     """Entry point of a shard process: its plan arrives first on the channel."""
     plan: ShardPlan = channel.recv()
     with tempfile.TemporaryDirectory(prefix="enrollbench-shard-") as directory:
-        shard = Shard(plan, directory)
+        shard = Shard(plan, directory, factory)
         # The replica and corpus live for the whole run: move them out of the collector's way,
         # and collect young objects less often (the hot path makes few reference cycles).
         gc.collect()

@@ -15,13 +15,13 @@ def _shard(
     generator: float,
     elapsed: float,
     offered: int = 0,
+    issued: int | None = None,
 ) -> ShardResult:
     return ShardResult(
         index=index,
         outcomes={"issued": measured},
         started=measured,
         measured=measured,
-        measured_issued=measured,
         histograms={},
         completed_per_second=[],
         issued_per_second=[],
@@ -29,9 +29,12 @@ def _shard(
         cache={},
         process_cpu_s=cpu,
         elapsed_s=elapsed,
-        generator_cpu_s=generator,
+        engine_cpu_s=cpu - generator,
         offered=offered,
+        offered_in_window=offered,
         window_ns=(0, int(window_s * 1e9)),
+        completed_in_window=measured,
+        issued_in_window=measured if issued is None else issued,
         interrupted=False,
         samples=[],
     )
@@ -41,6 +44,12 @@ def test_rates_sum_each_shards_own_rate() -> None:
     """A shard that finished early does not dilute the other's rate."""
     rate, issued = _rates([_shard(0, 1000, 1.0, 1, 0, 1), _shard(1, 1000, 2.0, 1, 0, 1)])
     assert rate == issued == 1500.0
+
+
+def test_issued_rate_counts_only_issued_certificates() -> None:
+    """Rejected and failed enrollments are beside the issued rate, never in it."""
+    rate, issued = _rates([_shard(0, 1000, 1.0, 1, 0, 1, issued=250)])
+    assert (rate, issued) == (1000.0, 250.0)
 
 
 def test_outcomes_must_add_up() -> None:
@@ -56,8 +65,8 @@ def test_outcomes_must_add_up() -> None:
     assert not _outcome_block({"issued": 5}, 6)["accounted"]
 
 
-def test_busy_generator_is_flagged_but_an_idle_one_is_not() -> None:
-    """Generator share above 10% counts only when the shards were CPU-bound."""
+def test_generator_share_is_judged_at_every_utilisation() -> None:
+    """A generator above 10% of the shards' CPU is flagged, busy shard or idle one."""
     profile = load_profile("smoke")
     busy = _generator_block(
         profile, [_shard(0, 10, 1, cpu=1.0, generator=0.2, elapsed=1.0)], {}, 1.0
@@ -65,8 +74,13 @@ def test_busy_generator_is_flagged_but_an_idle_one_is_not() -> None:
     idle = _generator_block(
         profile, [_shard(0, 10, 1, cpu=0.1, generator=0.05, elapsed=1.0)], {}, 1.0
     )
+    cheap = _generator_block(
+        profile, [_shard(0, 10, 1, cpu=1.0, generator=0.05, elapsed=1.0)], {}, 1.0
+    )
     assert busy["generator_bound"] and "20%" in busy["reasons"][0]
-    assert not idle["generator_bound"]
+    assert idle["generator_bound"] and "50%" in idle["reasons"][0]
+    assert not cheap["generator_bound"]
+    assert cheap["generator_cpu_share"] == 0.05
 
 
 def test_open_loop_shortfall_is_flagged() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.schedule import arrival_offsets, arrivals_within
+from bench.schedule import arrival_offsets, arrivals_until, arrivals_within
 
 
 def test_constant_rate_spaces_arrivals_evenly() -> None:
@@ -43,3 +43,21 @@ def test_arrivals_within_counts_before_the_deadline() -> None:
     offsets = arrival_offsets(10, 10.0, "constant", 0.0, 1)
     assert arrivals_within(offsets, 500_000_000) == 5
     assert arrivals_within(offsets, 0) == 10
+
+
+def test_poisson_schedule_runs_to_the_end_of_the_duration() -> None:
+    """A Poisson schedule fills the whole duration, whatever the draws (never cut short)."""
+    for seed in range(40):
+        offsets = arrivals_until(2_000_000_000, 50.0, "poisson", 0.0, seed)
+        gaps_after_last = 2_000_000_000 - int(offsets[-1])
+        # the next arrival would fall after the end: the gap to it is an exponential draw,
+        # so the last arrival lies within a few mean gaps (20 ms) of the end
+        assert 0 < gaps_after_last < 400_000_000
+        assert np.all(offsets < 2_000_000_000)
+
+
+def test_arrivals_until_extends_a_short_draw() -> None:
+    """Growing the draw keeps the same prefix: the schedule for a seed does not change."""
+    short = arrivals_until(1_000_000_000, 100.0, "poisson", 0.0, 5)
+    long = arrivals_until(3_000_000_000, 100.0, "poisson", 0.0, 5)
+    assert np.array_equal(long[: short.size], short)
