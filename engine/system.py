@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from engine.approval import AdministratorPool, ApprovalPolicy
+from engine.approval import AdministratorPool, ApprovalPolicy, ReviewBoard
 from engine.auth import DEFAULT_ITERATIONS, Verifier
 from engine.ca import CAChain, CertificationAuthority, IssuancePolicy, build_hierarchy
 from engine.chaincache import ChainCache
@@ -98,7 +98,14 @@ class CAMaterial:
 
 
 class EnrollmentSystem:
-    """One engine replica: directory, configuration database, CA, connection service, server."""
+    """One engine replica: directory, configuration database, CA, connection service, server.
+
+    `review_board`: the administrators of the whole run when several replicas (processes) share
+    one pool: a `ReviewBoard.shared(config.approval.administrators)` made by the parent, or a
+    pickled handle on it. None gives this replica a private pool of its own. The replica never
+    closes a board passed in (its creator does); a board requires `config.approval` with the
+    same number of administrators, and `monotonic` must stay `time.monotonic` when shared.
+    """
 
     def __init__(
         self,
@@ -107,17 +114,17 @@ class EnrollmentSystem:
         users: Iterable[tuple[User, Verifier]],
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        *,
+        review_board: ReviewBoard | None = None,
     ) -> None:
         self.config = config
         rng = random.Random(config.seed)
+        approvals = _administrators(config.approval, review_board, rng, monotonic)
         self.database = Database(config.database)
         self.directory = SqliteDirectory(self.database)
         self.directory.seed(users)
         self.configuration = SqliteConfigurationDatabase(self.database)
         self.device_stores = SqliteDeviceStores(self.database)
-        approvals = None
-        if config.approval is not None:
-            approvals = AdministratorPool(config.approval, random.Random(rng.random()))
         spec = key_spec(config.device_key)
         self.authority = CertificationAuthority(
             config.profile_id,
@@ -145,7 +152,7 @@ class EnrollmentSystem:
         )
         self._template = RequestTemplate(spec.family)
         self._link_delay = config.link_latency.sampler(random.Random(rng.random()))
-        self._link = None if config.link_latency == _NO_DELAY else self._hop
+        self._link = None if config.link_latency.never_waits else self._hop
 
     def device(self, identity: DeviceIdentity) -> Device:
         """A device for one enrollment."""
@@ -169,8 +176,31 @@ class EnrollmentSystem:
 
     @property
     def approvals_pending(self) -> int:
+        """Requests of this replica waiting for or under review."""
         pool = self.authority.approvals
         return 0 if pool is None else pool.pending
 
+    @property
+    def approvals_pending_in_run(self) -> int:
+        """Requests waiting for or under review in every replica sharing this one's board."""
+        pool = self.authority.approvals
+        return 0 if pool is None else pool.board.pending
+
     def close(self) -> None:
         self.database.close()
+        if self.authority.approvals is not None:
+            self.authority.approvals.close()
+
+
+def _administrators(
+    policy: ApprovalPolicy | None,
+    board: ReviewBoard | None,
+    rng: random.Random,
+    monotonic: Callable[[], float],
+) -> AdministratorPool | None:
+    """The replica's window on the administrators (it draws from `rng` only under approval)."""
+    if policy is None:
+        if board is not None:
+            raise ValueError("a review board was given but the configuration has no approval")
+        return None
+    return AdministratorPool(policy, random.Random(rng.random()), board, monotonic)
