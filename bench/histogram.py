@@ -150,18 +150,41 @@ class Histogram:
 
     @classmethod
     def decode(cls, text: str) -> Histogram:
+        """Read `encode`'s string back; refuse anything it could not have written."""
+        if not isinstance(text, str):
+            raise ResultError(f"corrupt histogram: expected a string, got {type(text).__name__}")
         try:
             tag, low, high, total, payload = text.split(":", 4)
             if tag != _ENCODING:
-                raise ResultError(f"unknown histogram encoding {tag!r}")
-            raw = np.frombuffer(zlib.decompress(base64.b64decode(payload)), dtype="<i8")
+                raise ResultError(f"unknown histogram encoding {tag[:20]!r}")
+            bounds = int(low), int(high), int(total)
+            raw = np.frombuffer(
+                zlib.decompress(base64.b64decode(payload, validate=True)), dtype="<i8"
+            )
             indices, counts = raw.reshape(2, -1)
-            histogram = cls()
-            histogram.counts[indices] = counts
-        except (ValueError, zlib.error, IndexError) as exc:
-            raise ResultError(f"corrupt histogram: {exc}") from exc
-        histogram.min, histogram.max, histogram.total = int(low), int(high), int(total)
+        except (ValueError, zlib.error) as exc:
+            raise ResultError(f"corrupt histogram: {str(exc)[:80]}") from exc
+        _check_decoded(indices, counts, *bounds)
+        histogram = cls()
+        histogram.counts[indices] = counts
+        histogram.min, histogram.max, histogram.total = bounds
         return histogram
+
+
+def _check_decoded(
+    indices: npt.NDArray[np.int64], counts: npt.NDArray[np.int64], low: int, high: int, total: int
+) -> None:
+    """What `encode` guarantees: buckets in range and increasing, counts and bounds sane."""
+    if indices.size and (indices[0] < 0 or indices[-1] >= SIZE or np.any(np.diff(indices) <= 0)):
+        raise ResultError("corrupt histogram: bucket indices out of range or out of order")
+    if np.any(counts < 0):
+        raise ResultError("corrupt histogram: a negative count")
+    if min(high, total) < 0 or not 0 <= low <= HIGHEST or high > HIGHEST:
+        raise ResultError("corrupt histogram: min, max or sum out of range")
+    if indices.size and low > high:
+        raise ResultError("corrupt histogram: min above max")
+    if int(counts.sum()) < 0:  # int64 wrapped around: no run records that many values
+        raise ResultError("corrupt histogram: counts overflow")
 
 
 def merged(histograms: Iterable[Histogram]) -> Histogram:
