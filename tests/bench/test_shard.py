@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from bench.shard import _Collector, _Times
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import pytest
+
+from bench.merge import build_result
+from bench.profile import load_profile
+from bench.runner import RunOptions, execute
+from bench.shard import ShardPlan, _Collector, _Times, shard_main
+from engine.device import DeviceIdentity
 from engine.flow import Outcome, Status, Step
 
 
@@ -61,3 +71,110 @@ def test_failures_are_keyed_by_error_type() -> None:
     )
     collector.add(_times(0, 1, [1, 2], 0), failed)
     assert collector.outcomes == {"failed:CertificateNotFoundError": 1}
+
+
+# ---- the whole path (runner -> shard processes -> merge) against engines of known cost ----
+
+
+class _FixedCost:
+    """A test double engine: each enrollment uses exactly `busy_ns` of the shard's CPU (a spin
+    on the thread's CPU clock, so its cost is known whatever else the host runs), never waits,
+    and does nothing else (0: a do-nothing engine)."""
+
+    approvals_pending = 0
+
+    def __init__(self, busy_ns: int) -> None:
+        self.busy_ns = busy_ns
+
+    async def enroll(self, identity: DeviceIdentity, recorder: _Times) -> Outcome:
+        if self.busy_ns:
+            until = time.thread_time_ns() + self.busy_ns
+            while time.thread_time_ns() < until:
+                pass
+        return Outcome(identity.device_id, Status.ISSUED, Step.INSTALL)
+
+    def close(self) -> None:
+        pass
+
+
+def _factory(plan: ShardPlan, directory: str) -> tuple[_FixedCost, list[DeviceIdentity]]:
+    busy_ns = int(plan.profile.get("", "description").split("busy_ns=")[1])
+    identities = [DeviceIdentity(f"d{i}", f"u{i}", "pw", "p", b"s") for i in plan.device_indices]
+    return _FixedCost(busy_ns), identities
+
+
+def _double_shard(channel: Connection, use_uvloop: bool) -> None:
+    shard_main(channel, use_uvloop, _factory)
+
+
+def _run_double(busy_ns: int, overrides: list[str], workers: int) -> dict[str, Any]:
+    profile = load_profile("smoke", [f"description='double busy_ns={busy_ns}'", *overrides])
+    output = execute(profile, workers, RunOptions(workers), None, target=_double_shard)
+    return build_result(profile, workers, output)
+
+
+@pytest.mark.parametrize(("concurrency", "workers"), [(1, 1), (8, 2), (12, 1)])
+def test_closed_loop_obeys_littles_law(concurrency: int, workers: int) -> None:
+    """Mean latency from the intended start is N/X (Little's law), and max(S, N*S/shards)
+    for an engine of service time S that never waits: devices queue for the shard's CPU."""
+    result = _run_double(
+        1_000_000,
+        [
+            f"load.concurrency={concurrency}",
+            "load.duration=1.5",
+            "load.warmup_seconds=0.3",
+            "load.devices=50",
+        ],
+        workers,
+    )
+    latency = result["latency"]["end_to_end"]
+    throughput = result["throughput"]["issued_per_s"]
+    assert latency["latency"]["mean_us"] == pytest.approx(
+        concurrency / throughput * 1e6, rel=0.10
+    )
+    # S as this run saw it (a busy host stretches a CPU millisecond), then max(S, N*S/shards)
+    service_us = latency["service"]["mean_us"]
+    expected_us = max(1.0, concurrency / workers) * service_us
+    assert latency["latency"]["mean_us"] == pytest.approx(expected_us, rel=0.10)
+
+
+def test_generator_cpu_is_measured_against_engines_of_known_cost() -> None:
+    """Against a do-nothing engine the generator is (nearly) all of the process CPU; an engine
+    of known CPU cost takes its share away from it, as much as it costs."""
+    overrides = ["load.concurrency=4", "load.duration=1.0", "load.warmup_seconds=0.0"]
+    idle = _run_double(0, overrides, 1)["generator"]
+    assert idle["generator_cpu_s"] == pytest.approx(idle["process_cpu_s"], rel=0.20)
+    costly = _run_double(200_000, overrides, 1)
+    generator = costly["generator"]
+    enrollments = costly["outcomes"]["started"]
+    engine_cpu_s = generator["process_cpu_s"] - generator["generator_cpu_s"]
+    # the double spins 200 µs of wall time per enrollment: at most that much CPU, at least
+    # most of it (other processes on this host may take the CPU during a spin)
+    assert 0.5 * enrollments * 200e-6 <= engine_cpu_s <= 1.05 * enrollments * 200e-6
+    assert generator["generator_cpu_share"] < idle["generator_cpu_share"]
+
+
+def test_open_loop_throughput_is_the_offered_rate() -> None:
+    """A constant 200/s load that the shards keep up with reports 200 issued/s, not less
+    (the drain after the last arrival is outside the window)."""
+    result = _run_double(
+        100_000,
+        ["load.mode='open'", "load.rate=200", "load.duration=2.0", "load.warmup_seconds=0.5"],
+        2,
+    )
+    assert result["throughput"]["issued_per_s"] == pytest.approx(200, rel=0.02)
+    assert result["generator"]["timer_error"]["count"] > 0
+
+
+def test_open_loop_queueing_is_latency_not_timer_error() -> None:
+    """Arrivals that wait behind the engine's CPU work show it as latency; the generator's
+    own timer error stays apart and small."""
+    result = _run_double(
+        4_000_000,  # 4 ms of CPU per enrollment at 200/s on one shard: 80% busy, queues form
+        ["load.mode='open'", "load.rate=200", "load.duration=2.0", "load.warmup_seconds=0.5"],
+        1,
+    )
+    latency = result["latency"]["end_to_end"]["latency"]
+    error = result["generator"]["timer_error"]
+    assert latency["mean_us"] > 4_500  # waits behind earlier arrivals are in the latency
+    assert error["p50_us"] < latency["p50_us"] / 4
