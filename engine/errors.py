@@ -33,7 +33,17 @@ class MalformedDerError(FailedError):
 
     def __init__(self, message: str, offset: int = 0) -> None:
         super().__init__(f"{message} (at byte {offset})")
+        self.detail = message
         self.offset = offset
+
+
+class MalformedRequestError(MalformedDerError):
+    """A PKCS #10 request that is not strict DER (RFC 2986, X.690); `offset` is where it breaks.
+
+    The C and the Python request walks raise it with the same message at the same offset.
+    """
+
+    reason = "malformed-request"
 
 
 class AuthenticationError(RejectedError):
@@ -104,6 +114,37 @@ class SanNotAllowedError(RejectedError):
     """The request asks for a subject alternative name the user may not have."""
 
     reason = "san-not-allowed"
+
+
+class SanInvalidError(RejectedError):
+    """The request's subjectAltName is one a CA must not issue (RFC 5280 4.2.1.6)."""
+
+    reason = "san-invalid"
+
+
+class EmptySanError(SanInvalidError):
+    """The request asks for a subjectAltName with no names (GeneralNames is SIZE (1..MAX))."""
+
+    reason = "san-empty"
+
+
+class DuplicateSanError(SanInvalidError):
+    """The request's subjectAltName names the same entry twice."""
+
+    reason = "san-duplicate"
+
+
+class DuplicateSerialError(FailedError):
+    """A store already holds a certificate with this serial (RFC 5280 4.1.2.2: serials are unique).
+
+    Raised by a directory's `publish`; the CA draws a fresh serial and issues again.
+    """
+
+    reason = "duplicate-serial"
+
+    def __init__(self, serial: int) -> None:
+        super().__init__(f"serial {serial:x} is already published")
+        self.serial = serial
 
 
 class ApprovalDeniedError(RejectedError):

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from engine import _der
-from engine.errors import MalformedDerError
+from engine.errors import MalformedDerError, MalformedRequestError
 from engine.identity import DistinguishedName, encode_alternative_names
 from engine.keys import (
     KeyFamily,
@@ -28,7 +28,6 @@ from engine.keys import (
     algorithm_from_identifier,
     hash_algorithm,
     load_public_key,
-    split_spki,
     verify_signature,
 )
 
@@ -147,7 +146,8 @@ RequestSlices = tuple[
 
 
 def parse_request(der: bytes) -> ParsedRequest:
-    """Split a DER CertificationRequest into its parts; raise `MalformedDerError` on bad bytes."""
+    """Split a DER CertificationRequest into its parts; raise `MalformedRequestError` on bytes
+    that are not strict DER, `UnsupportedKeyError` on an unknown signature algorithm."""
     info, subject, spki, key_algorithm, key_bits, algorithm, signature, extensions = split_request(
         der
     )
@@ -162,85 +162,177 @@ def parse_request(der: bytes) -> ParsedRequest:
 
 
 def python_split_request(der: bytes) -> RequestSlices:
-    """The structure walk of a request (RFC 2986 4.1, 4.2); engine/_derc.c has the same in C.
+    """The strict walk of a request (RFC 2986 4.1, 4.2, DER); engine/_derc.c has the same in C.
 
     Returns the info, subject, SPKI, SPKI algorithm, key bits, signature algorithm, signature
-    and the requested extensions (OID DER -> (critical, extnValue)).
+    and the requested extensions (OID DER -> (critical, extnValue)). Raises
+    `MalformedRequestError` with the message and byte offset the C walk reports.
     """
     if not isinstance(der, bytes):
-        raise MalformedDerError("request is not bytes")
-    start, end = _der.read_whole(der, _der.SEQUENCE)
-    info_start, info_end = _der.expect(der, start, _der.SEQUENCE, end)
-    _, alg_end = _der.expect(der, info_end, _der.SEQUENCE, end)
-    sig_start, sig_end = _der.expect(der, alg_end, _der.BIT_STRING, end)
+        raise MalformedRequestError("request is not bytes", 0)
+    try:
+        return _walk_request(der)
+    except MalformedDerError as exc:
+        raise MalformedRequestError(exc.detail, exc.offset) from None
+
+
+def _walk_request(der: bytes) -> RequestSlices:
+    """CertificationRequest ::= SEQUENCE { info, signatureAlgorithm, signature BIT STRING }."""
+    start, end = _der.strict_expect(der, 0, _der.SEQUENCE, len(der))
+    if end != len(der):
+        raise MalformedDerError("trailing bytes after the CertificationRequest", end)
+    info_start, info_end = _der.strict_expect(der, start, _der.SEQUENCE, end)
+    alg_end = _walk_algorithm(der, info_end, end)
+    sig_start, sig_end = _der.strict_expect(der, alg_end, _der.BIT_STRING, end)
     if sig_end != end:
         raise MalformedDerError("trailing bytes in CertificationRequest", sig_end)
     if sig_end == sig_start or der[sig_start] != 0:
-        raise MalformedDerError("signature BIT STRING has unused bits", sig_start)
+        raise MalformedDerError("signature is not a whole-byte BIT STRING", alg_end)
     # CertificationRequestInfo: version v1(0), subject, subjectPKInfo, [0] attributes
-    subject_start = info_start + len(_VERSION_1)
-    if subject_start > info_end or der[info_start:subject_start] != _VERSION_1:
+    subject = info_start + len(_VERSION_1)
+    if der[info_start:subject] != _VERSION_1 or subject > info_end:
         raise MalformedDerError("request version is not v1(0)", info_start)
-    _, subject_end = _der.expect(der, subject_start, _der.SEQUENCE, info_end)
-    key = split_spki(der, subject_end, info_end)
-    attrs_start, attrs_end = _der.expect(der, subject_end + len(key.spki), 0xA0, info_end)
+    spki = _walk_name(der, subject, info_end)
+    key_algorithm, key_algorithm_end, bits, spki_end = _walk_spki(der, spki, info_end)
+    attrs_start, attrs_end = _der.strict_expect(der, spki_end, 0xA0, info_end)
     if attrs_end != info_end:
         raise MalformedDerError("trailing bytes in CertificationRequestInfo", attrs_end)
     return (
         der[start:info_end],
-        der[subject_start:subject_end],
-        key.spki,
-        key.algorithm,
-        key.bits,
+        der[subject:spki],
+        der[spki:spki_end],
+        der[key_algorithm:key_algorithm_end],
+        der[bits + 1 : spki_end],
         der[info_end:alg_end],
         der[sig_start + 1 : sig_end],
-        _parse_attributes(der, attrs_start, attrs_end),
+        _walk_attributes(der, attrs_start, attrs_end),
     )
 
 
-def _parse_attributes(data: bytes, start: int, end: int) -> dict[bytes, tuple[bool, bytes]]:
-    """Collect the extensions of any extensionRequest attribute (RFC 2985 5.4.2)."""
+def _walk_name(data: bytes, offset: int, limit: int) -> int:
+    """Name ::= SEQUENCE OF RDN; RDN ::= SET SIZE (1..MAX) OF AttributeTypeAndValue (RFC 5280
+    4.1.2.4), in DER order; ATV ::= SEQUENCE { type OID, value ANY }. Returns the Name's end."""
+    start, end = _der.strict_expect(data, offset, _der.SEQUENCE, limit)
+    while start < end:
+        set_start, set_end = _der.strict_expect(data, start, _der.SET, end)
+        if set_start == set_end:
+            raise MalformedDerError("empty RelativeDistinguishedName", start)
+        previous = previous_end = -1
+        atv = set_start
+        while atv < set_end:
+            content, stop = _der.strict_expect(data, atv, _der.SEQUENCE, set_end)
+            cursor = _der.check_value(data, _der.take_oid(data, content, stop), stop)
+            if cursor != stop:
+                raise MalformedDerError("trailing bytes in AttributeTypeAndValue", cursor)
+            if previous >= 0:
+                _der.check_order(data, previous, previous_end, atv, stop)
+            previous, previous_end, atv = atv, stop, stop
+        start = set_end
+    return end
+
+
+def _walk_algorithm(data: bytes, offset: int, limit: int) -> int:
+    """AlgorithmIdentifier ::= SEQUENCE { OID, parameters ANY OPTIONAL } (RFC 5280 4.1.1.2)."""
+    start, end = _der.strict_expect(data, offset, _der.SEQUENCE, limit)
+    cursor = _der.take_oid(data, start, end)
+    if cursor < end:
+        cursor = _der.check_value(data, cursor, end)
+    if cursor != end:
+        raise MalformedDerError("trailing bytes in AlgorithmIdentifier", cursor)
+    return end
+
+
+def _walk_spki(data: bytes, offset: int, limit: int) -> tuple[int, int, int, int]:
+    """SubjectPublicKeyInfo ::= SEQUENCE { AlgorithmIdentifier, BIT STRING } (RFC 5280 4.1.2.7),
+    the key in whole bytes. Returns (algorithm start, algorithm end, bits start, end)."""
+    algorithm, end = _der.strict_expect(data, offset, _der.SEQUENCE, limit)
+    algorithm_end = _walk_algorithm(data, algorithm, end)
+    bits, bits_end = _der.strict_expect(data, algorithm_end, _der.BIT_STRING, end)
+    if bits_end != end:
+        raise MalformedDerError("trailing bytes in SubjectPublicKeyInfo", bits_end)
+    if bits == bits_end or data[bits] != 0:
+        raise MalformedDerError("subjectPublicKey is not a whole-byte BIT STRING", algorithm_end)
+    return algorithm, algorithm_end, bits, end
+
+
+def _walk_attributes(data: bytes, start: int, end: int) -> dict[bytes, tuple[bool, bytes]]:
+    """attributes [0] IMPLICIT SET OF Attribute (RFC 2986 4.1), in DER order."""
     extensions: dict[bytes, tuple[bool, bytes]] = {}
-    offset = start
-    marker = len(_EXTENSION_REQUEST_DER)
+    seen = False
+    offset, previous = start, -1
     while offset < end:
-        content, stop = _der.expect(data, offset, _der.SEQUENCE, end)
-        if data[content : content + marker] == _EXTENSION_REQUEST_DER:
-            set_start, set_end = _der.expect(data, content + marker, _der.SET, stop)
-            value = set_start
-            while value < set_end:
-                ext_start, value = _der.expect(data, value, _der.SEQUENCE, set_end)
-                _parse_extensions(data, ext_start, value, extensions)
-        else:
-            _der.expect(data, content, _der.OID, stop)  # any other attribute: type, then values
-        offset = stop
+        _, stop = _der.strict_expect(data, offset, _der.SEQUENCE, end)
+        seen = _walk_attribute(data, offset, end, extensions, seen)
+        if previous >= 0:
+            _der.check_order(data, previous, offset, offset, stop)
+        previous, offset = offset, stop
     return extensions
 
 
-def _parse_extensions(
-    data: bytes, start: int, end: int, into: dict[bytes, tuple[bool, bytes]]
+def _walk_attribute(
+    data: bytes, offset: int, limit: int, into: dict[bytes, tuple[bool, bytes]], seen: bool
+) -> bool:
+    """Attribute ::= SEQUENCE { type OID, values SET SIZE (1..MAX) OF ANY } (RFC 2986 4.1).
+
+    extensionRequest is single-valued and appears once (RFC 2985 5.4.2). Returns whether an
+    extensionRequest has been seen.
+    """
+    content, stop = _der.strict_expect(data, offset, _der.SEQUENCE, limit)
+    oid_end = _der.take_oid(data, content, stop)
+    set_start, set_end = _der.strict_expect(data, oid_end, _der.SET, stop)
+    if set_end != stop:
+        raise MalformedDerError("trailing bytes after the attribute's values", set_end)
+    if set_start == set_end:
+        raise MalformedDerError("attribute has no values", oid_end)
+    if data[content:oid_end] == _EXTENSION_REQUEST_DER:
+        if seen:
+            raise MalformedDerError("extensionRequest appears twice", offset)
+        _, value_end = _der.strict_expect(data, set_start, _der.SEQUENCE, set_end)
+        if value_end != set_end:
+            raise MalformedDerError("extensionRequest has more than one value", value_end)
+        _walk_extensions(data, set_start, set_end, into)
+        return True
+    value, previous = set_start, -1
+    while value < set_end:
+        after = _der.check_value(data, value, set_end)
+        if previous >= 0:
+            _der.check_order(data, previous, value, value, after)
+        previous, value = value, after
+    return seen
+
+
+def _walk_extensions(
+    data: bytes, offset: int, limit: int, into: dict[bytes, tuple[bool, bytes]]
 ) -> None:
-    """Read Extension SEQUENCEs (RFC 5280 4.1) into `into`, refusing duplicates."""
-    offset = start
-    while offset < end:
-        content, stop = _der.expect(data, offset, _der.SEQUENCE, end)
-        if content + 2 > stop or data[content] != _der.OID or data[content + 1] >= 0x80:
-            raise MalformedDerError("extension has no extnID", content)
-        cursor = content + 2 + data[content + 1]
-        if cursor > stop:
-            raise MalformedDerError("extnID runs past the end of its extension", content)
-        oid = data[content:cursor]
-        # critical BOOLEAN DEFAULT FALSE: DER writes TRUE as 0xFF, omits FALSE (X.690 11.1, 11.5)
-        critical = data[cursor : cursor + 3] == _TRUE
+    """Extensions ::= SEQUENCE SIZE (1..MAX) OF Extension ::= SEQUENCE { extnID, critical
+    BOOLEAN DEFAULT FALSE, extnValue OCTET STRING holding one DER element } (RFC 5280 4.1, 4.2).
+
+    DER omits a DEFAULT value (X.690 11.5): critical is TRUE or absent. Duplicates are refused.
+    """
+    start, end = _der.strict_expect(data, offset, _der.SEQUENCE, limit)
+    if start == end:
+        raise MalformedDerError("extensionRequest holds no extensions", offset)
+    element = start
+    while element < end:
+        content, stop = _der.strict_expect(data, element, _der.SEQUENCE, end)
+        cursor = oid_end = _der.take_oid(data, content, stop)
+        critical = cursor < stop and data[cursor] == _der.BOOLEAN
         if critical:
-            cursor += 3
-        value_start, value_end = _der.expect(data, cursor, _der.OCTET_STRING, stop)
+            flag_start, flag_end = _der.strict_expect(data, cursor, _der.BOOLEAN, stop)
+            if flag_end - flag_start != 1 or data[flag_start] != 0xFF:
+                raise MalformedDerError("critical is not DER TRUE (FALSE is omitted)", cursor)
+            cursor = flag_end
+        value_start, value_end = _der.strict_expect(data, cursor, _der.OCTET_STRING, stop)
         if value_end != stop:
-            raise MalformedDerError("malformed or trailing bytes in extension", value_end)
+            raise MalformedDerError("trailing bytes in Extension", value_end)
+        inner_end = _der.check_value(data, value_start, value_end)
+        if inner_end != value_end:
+            raise MalformedDerError("trailing bytes in extnValue", inner_end)
+        oid = data[content:oid_end]
         if oid in into:
-            raise MalformedDerError("extension appears twice", offset)
+            raise MalformedDerError("extension appears twice", element)
         into[oid] = (critical, data[value_start:value_end])
-        offset = stop
+        element = stop
 
 
 def verify_request(request: ParsedRequest) -> tuple[PublicKey, KeySpec]:
