@@ -105,7 +105,7 @@ def _make_distribution(value: Any) -> Distribution:
 
 
 _KEYS = ", ".join(KEY_SPECS)
-_DIST = "a delay table {kind = fixed|uniform|exponential|lognormal, its parameters} (s)"
+_DIST = "a delay table: kind (fixed, uniform, exponential, lognormal) and its parameters"
 NO_DELAY = {"kind": "fixed", "mean": 0.0}
 
 SCHEMA: dict[str, dict[str, Rule]] = {
@@ -250,7 +250,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         ),
         "warmup_seconds": Rule(
             0.5,
-            "a number from 0 to 3600",
+            "a number from 0 to 3600, below load.duration when that is above 0",
             _number(0.0, 3600),
             "enrollments intended to start in this window are not measured",
         ),

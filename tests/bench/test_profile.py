@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.errors import ProfileError
-from bench.profile import load_profile, shipped_profiles
+from bench.profile import PROFILE_DIRECTORY, SCHEMA, load_profile, shipped_profiles
 
 
 @pytest.mark.parametrize("path", shipped_profiles(), ids=lambda p: p.stem)
@@ -165,3 +165,13 @@ def test_live_profile_measures_device_crypto() -> None:
     profile = load_profile("p256-live")
     assert profile.get("device", "crypto") == "live"
     assert profile.get("device", "key") == "p256"
+
+
+def test_readme_documents_every_key_and_shipped_profile() -> None:
+    """profiles/README.md has a row for each schema key and each shipped profile."""
+    text = (PROFILE_DIRECTORY / "README.md").read_text()
+    for section, rules in SCHEMA.items():
+        for key in rules:
+            assert f"| `{section}.{key}` |" in text or f"| `{key}` |" in text, key
+    for path in shipped_profiles():
+        assert f"| `{path.stem}` |" in text, path.stem
