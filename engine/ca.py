@@ -7,6 +7,7 @@ signature per certificate.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,14 @@ from cryptography.x509.oid import NameOID
 from engine import _der
 from engine.approval import AdministratorPool
 from engine.certificate import CertificateTemplate
-from engine.errors import SanNotAllowedError, SubjectMismatchError, UnsupportedKeyError
+from engine.errors import (
+    DuplicateSanError,
+    DuplicateSerialError,
+    EmptySanError,
+    SanNotAllowedError,
+    SubjectMismatchError,
+    UnsupportedKeyError,
+)
 from engine.identity import (
     User,
     decode_alternative_names,
@@ -114,6 +122,11 @@ def _sign_ca_certificate(
     return builder.sign(parent_key, digest)
 
 
+# Draws of a serial per enrollment before a duplicate fails it (a second draw colliding too
+# would mean the random source is broken).
+_SERIAL_DRAWS = 3
+
+
 class Issued(NamedTuple):
     """A certificate the CA issued and published: what step 11's notification carries.
 
@@ -150,7 +163,6 @@ class CertificationAuthority:
         self._template = CertificateTemplate(
             chain.issuing, Signer(chain.issuing_key, hash_name), device_family, validity_seconds
         )
-        self._serials: set[int] = {0}
         self.issued = 0
 
     async def process(
@@ -161,9 +173,23 @@ class CertificationAuthority:
         if self.approvals is not None:
             notify("pending-approval")
             await self.approvals.review(device_id)
+        issued = await self._issue_published(request, user)
+        notify("issued")
+        return issued
+
+    async def _issue_published(self, request: ParsedRequest, user: User) -> Issued:
+        """Issue and publish; a serial the directory already holds is drawn again.
+
+        The directory's unique serial is what keeps serials unique (RFC 5280 4.1.2.2), not a
+        set in this process. A duplicate on the last draw fails the enrollment.
+        """
+        for _ in range(_SERIAL_DRAWS - 1):
+            issued = self.issue(request, user)
+            with contextlib.suppress(DuplicateSerialError):
+                await self.directory.publish(issued.dn, issued.serial, issued.certificate)
+                return issued
         issued = self.issue(request, user)
         await self.directory.publish(issued.dn, issued.serial, issued.certificate)
-        notify("issued")
         return issued
 
     async def fetch_chain(self) -> bytes:
@@ -183,11 +209,22 @@ class CertificationAuthority:
         return spec
 
     def _check_alternative_names(self, request: ParsedRequest, user: User) -> None:
-        """Every requested SAN must be one of the user's own names (RFC 5280 4.2.1.6)."""
+        """A requested SAN holds at least one name, each once, each one of the user's own.
+
+        RFC 5280 4.2.1.6: GeneralNames is SIZE (1..MAX), so an empty SAN is never issued; a
+        name listed twice is refused rather than silently merged.
+        """
         entry = request.extensions.get(SAN_OID_DER)
         if entry is None:
             return
-        for name in general_name_elements(entry[1]):
+        names = general_name_elements(entry[1])
+        if not names:
+            raise EmptySanError(f"the subjectAltName requested for {user.user_id!r} is empty")
+        if len(set(names)) != len(names):
+            raise DuplicateSanError(
+                f"the subjectAltName requested for {user.user_id!r} lists a name twice"
+            )
+        for name in names:
             if name not in user.general_names:
                 raise SanNotAllowedError(
                     f"alternative name {_describe_general_name(name)} is not allowed for "
@@ -195,11 +232,15 @@ class CertificationAuthority:
                 )
 
     def issue(self, request: ParsedRequest, user: User) -> Issued:
-        """Issue a certificate with a fresh, unique, positive 128-bit serial (RFC 5280 4.1.2.2)."""
-        serial = int.from_bytes(os.urandom(16), "big")
-        while serial in self._serials:  # holds 0 from the start: serials are positive
+        """Issue a certificate with a fresh positive 128-bit random serial (RFC 5280 4.1.2.2).
+
+        Nothing is remembered here, so memory stays flat however long the run: 128 random bits
+        collide with probability about n**2 / 2**129 (1e-21 after a billion certificates), and
+        the directory's unique serial refuses a collision at publish, when `process` draws again.
+        """
+        serial = 0
+        while not serial:  # serials are positive
             serial = int.from_bytes(os.urandom(16), "big")
-        self._serials.add(serial)
         san = request.extensions.get(SAN_OID_DER)
         certificate = self._template.issue(
             serial,

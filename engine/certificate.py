@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from engine import _der
+from engine.errors import EmptySanError
 from engine.keys import KeyFamily, Signer, SubjectKey, hash_algorithm
 from engine.request import SAN_OID_DER, device_key_usage, encode_extension
 
@@ -27,6 +28,7 @@ _BASIC_CONSTRAINTS = _der.encode_oid("2.5.29.19")
 _KEY_USAGE = _der.encode_oid("2.5.29.15")
 _EXT_KEY_USAGE = _der.encode_oid("2.5.29.37")
 _AUTHORITY_KEY_ID = _der.encode_oid("2.5.29.35")
+_EMPTY_SEQUENCE = _der.encode_tlv(_der.SEQUENCE, b"")
 
 
 # Extension { extnID subjectKeyIdentifier, extnValue OCTET STRING { KeyIdentifier (20 octets) } }
@@ -93,6 +95,8 @@ class CertificateTemplate:
         # SubjectKeyIdentifier: a 20-byte digest behind a constant header (RFC 5280 4.2.1.2).
         extensions = self._head + _SKI_HEADER + key_identifier(key) + self._tail_extensions
         if san_value is not None:
+            if len(san_value) <= len(_EMPTY_SEQUENCE):  # never an empty SAN (RFC 5280 4.2.1.6)
+                raise EmptySanError("an empty subjectAltName is never issued")
             extensions += encode_extension(SAN_OID_DER, san_value, critical=False)
         tbs = _der.encode_tlv(
             _der.SEQUENCE,

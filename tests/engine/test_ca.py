@@ -12,18 +12,32 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from engine._der import encode_oid, encode_tlv
+from engine.ca import Issued
 from engine.errors import (
+    DuplicateSanError,
+    DuplicateSerialError,
+    EmptySanError,
     SanNotAllowedError,
     SignatureInvalidError,
     SubjectMismatchError,
     UnsupportedKeyError,
 )
-from engine.identity import DistinguishedName
+from engine.flow import Status
+from engine.identity import (
+    DistinguishedName,
+    User,
+    encode_alternative_names,
+    general_name_elements,
+)
 from engine.keys import Signer
 from engine.request import (
+    EXTENSION_REQUEST_OID,
+    SAN_OID_DER,
     RequestContent,
     RequestTemplate,
     build_request_with_builder,
+    encode_extension,
     parse_request,
 )
 from tests.conftest import SystemFactory, device_of, require_tool, vector_key
@@ -159,3 +173,111 @@ def test_device_of_uses_vector_keys(make_system: SystemFactory) -> None:
     """Helper sanity: the identity carries the vector key, so no key is generated."""
     _, users = make_system(1)
     assert replace(device_of(users[0]), request_der=None).key_der is not None
+
+
+def _request_with_san(user: User, san_value: bytes) -> bytes:
+    """A correctly signed request for `user` whose SAN extnValue is `san_value` verbatim."""
+    signer = Signer(vector_key("p256-4"), "sha256")
+    extensions = encode_tlv(0x30, encode_extension(SAN_OID_DER, san_value, critical=False))
+    attribute = encode_tlv(0x30, encode_oid(EXTENSION_REQUEST_OID) + encode_tlv(0x31, extensions))
+    info = encode_tlv(
+        0x30, b"\x02\x01\x00" + user.dn.der + signer.spki + encode_tlv(0xA0, attribute)
+    )
+    return signer.signed(info)
+
+
+def test_policy_refuses_empty_san(make_system: SystemFactory) -> None:
+    """A request asking for a SAN with no names raises EmptySanError (reason san-empty)."""
+    system, users = make_system(1)
+    alice = users[0].user
+    request = parse_request(_request_with_san(alice, encode_tlv(0x30, b"")))
+    with pytest.raises(EmptySanError) as info:
+        system.authority.check(request, alice)
+    assert info.value.reason == "san-empty"
+
+
+def test_policy_refuses_duplicate_san_entries(make_system: SystemFactory) -> None:
+    """A SAN naming the user's own e-mail twice raises DuplicateSanError (reason san-duplicate)."""
+    system, users = make_system(1)
+    alice = users[0].user
+    email, upn = general_name_elements(encode_alternative_names(alice.email, alice.upn))
+    request = parse_request(_request_with_san(alice, encode_tlv(0x30, email + upn + email)))
+    with pytest.raises(DuplicateSanError) as info:
+        system.authority.check(request, alice)
+    assert info.value.reason == "san-duplicate"
+
+
+def test_policy_accepts_the_users_own_san(make_system: SystemFactory) -> None:
+    """The same construction with each of the user's names once passes the policy."""
+    system, users = make_system(1)
+    alice = users[0].user
+    system.authority.check(
+        parse_request(_request_with_san(alice, encode_alternative_names(alice.email, alice.upn))),
+        alice,
+    )
+
+
+@pytest.mark.parametrize(
+    ("san", "reason"), [("empty", "san-empty"), ("duplicate", "san-duplicate")]
+)
+def test_bad_san_enrollment_ends_rejected_and_nothing_is_issued(
+    make_system: SystemFactory, san: str, reason: str
+) -> None:
+    """Through the whole flow, a bad SAN ends the enrollment rejected with its reason, unissued."""
+    system, users = make_system(1)
+    alice = users[0].user
+    upn = general_name_elements(encode_alternative_names(alice.email, alice.upn))[1]
+    value = encode_tlv(0x30, b"" if san == "empty" else upn + upn)
+    device = device_of(users[0], request_der=_request_with_san(alice, value))
+    outcome = asyncio.run(system.enroll(device))
+    assert (outcome.status, outcome.reason) == (Status.REJECTED, reason)
+    assert system.authority.issued == 0
+
+
+class _RefusingDirectory:
+    """A directory whose unique serial refuses the first `refusals` publishes."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.offered: list[int] = []
+
+    async def publish(self, dn: str, serial: int, certificate: bytes) -> None:
+        self.offered.append(serial)
+        if len(self.offered) <= self.refusals:
+            raise DuplicateSerialError(serial)
+
+
+def _process(system_factory: SystemFactory, refusals: int) -> tuple[Issued, list[int]]:
+    system, users = system_factory(1)
+    alice = users[0].user
+    directory = _RefusingDirectory(refusals)
+    system.authority.directory = directory  # type: ignore[assignment]
+    request = parse_request(_request(alice.dn, alice.email, alice.upn))
+    issued = asyncio.run(system.authority.process("d", request, alice, lambda _: None))
+    return issued, directory.offered
+
+
+def test_duplicate_serial_at_publish_draws_again(make_system: SystemFactory) -> None:
+    """When the directory refuses a serial as a duplicate, the CA issues under a fresh one."""
+    issued, offered = _process(make_system, refusals=2)
+    assert len(offered) == 3 and len(set(offered)) == 3
+    assert issued.serial == offered[-1]
+    assert x509.load_der_x509_certificate(issued.certificate).serial_number == issued.serial
+
+
+def test_duplicate_serial_every_draw_fails_the_enrollment(make_system: SystemFactory) -> None:
+    """A directory refusing every draw ends in DuplicateSerialError after three draws."""
+    with pytest.raises(DuplicateSerialError):
+        _process(make_system, refusals=3)
+
+
+def test_ca_keeps_no_serials_in_memory(make_system: SystemFactory) -> None:
+    """Issuing leaves the CA's own state as it was: serials live in the directory only."""
+    system, users = make_system(1)
+    alice = users[0].user
+    request = parse_request(_request(alice.dn, alice.email, alice.upn))
+    before = {name: repr(value) for name, value in vars(system.authority).items()}
+    for _ in range(50):
+        system.authority.issue(request, alice)
+    after = {name: repr(value) for name, value in vars(system.authority).items()}
+    assert {name for name in before if before[name] != after[name]} == {"issued"}

@@ -21,7 +21,7 @@ from engine.certificate import (
     key_identifier,
     python_certificate_spki,
 )
-from engine.errors import MalformedDerError
+from engine.errors import EmptySanError, MalformedDerError
 from engine.identity import DistinguishedName, encode_alternative_names
 from engine.keys import KeyFamily, Signer, split_spki
 from engine.request import SAN_OID_DER, RequestContent, RequestTemplate, parse_request
@@ -75,6 +75,13 @@ def test_extensions_are_rfc5280_end_entity() -> None:
     assert aki.key_identifier == issuer_ski.value.digest
     san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.RFC822Name) == ["a@example.com"]
+
+
+@pytest.mark.parametrize("san", [b"\x30\x00", b""])
+def test_template_never_emits_an_empty_san(san: bytes) -> None:
+    """An empty SAN value raises EmptySanError instead of producing an empty extension."""
+    with pytest.raises(EmptySanError):
+        _TEMPLATE.issue(7, _NOW, _SUBJECT, _DEVICE_KEY, san)
 
 
 def test_pyasn1_decodes_the_certificate() -> None:
