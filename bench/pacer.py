@@ -68,12 +68,14 @@ def _libc() -> ctypes.CDLL | None:
 
 
 class Pacer:
-    """Waits until absolute `perf_counter_ns` instants on the running loop."""
+    """Waits until absolute `perf_counter_ns` instants on the running loop (one waiter)."""
 
     def __init__(self) -> None:
         self._libc = _libc()
         self._fd = -1
         self._spec = _Itimerspec()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fired: asyncio.Future[None] | None = None
         if self._libc is not None:
             self._libc.prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)  # epoll's own slack: 1 ns
             fd = self._libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
@@ -96,22 +98,26 @@ class Pacer:
 
     async def _wait_fd(self, instant: int) -> None:
         assert self._libc is not None
+        if self._loop is None:  # watched once, for the pacer's life: no per-wait set-up
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._fd, self._on_readable)
         self._spec.it_value.tv_sec, self._spec.it_value.tv_nsec = divmod(instant, 1_000_000_000)
         if self._libc.timerfd_settime(self._fd, _TFD_TIMER_ABSTIME, self._spec, None) != 0:
             await asyncio.sleep((instant - time.perf_counter_ns()) / 1e9)
             return
-        loop = asyncio.get_running_loop()
-        fired = loop.create_future()
-        loop.add_reader(self._fd, fired.set_result, None)
-        try:
-            await fired
-        finally:
-            loop.remove_reader(self._fd)
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._fd, 8)  # the expiration count; clears readability
+        self._fired = self._loop.create_future()
+        await self._fired
+
+    def _on_readable(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._fd, 8)  # the expiration count; clears readability
+        if self._fired is not None and not self._fired.done():
+            self._fired.set_result(None)
 
     def close(self) -> None:
         if self._fd >= 0:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._fd = -1
 
