@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -95,6 +96,18 @@ def _default_out(profile_name: str, kind: str = "") -> Path:
     return Path("results") / f"{profile_name}{kind}-{_stamp()}.json"
 
 
+def _prepare_artifacts(folder: Path | None) -> None:
+    """Make the --artifacts folder before the run, so a bad path is exit 2, not a lost run."""
+    if folder is None:
+        return
+    try:
+        (folder / "certs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--artifacts {folder}: cannot make the folder: {exc.strerror}") from exc
+    if not os.access(folder / "certs", os.W_OK):
+        raise UsageError(f"--artifacts {folder}: the folder is not writable")
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be at least 1")
@@ -105,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.out is None:
         out.parent.mkdir(exist_ok=True)
     check_writable(out)
+    _prepare_artifacts(args.artifacts)
     workers = resolve_workers(profile, args.workers)
     sample = args.artifacts_sample or int(profile.get("load", "devices"))
     options = RunOptions(workers, args.artifacts, sample if args.artifacts else 0)

@@ -66,6 +66,8 @@ def test_result_has_no_private_keys_or_host_name(tmp_path: Path) -> None:
             "uniform distribution takes no 'mean'",
         ),
         (["run", "smoke", "--set", "approval.delay=3"], "approval.delay = 3 is not allowed"),
+        (["run", "smoke", "--artifacts", "/proc/enrollbench"], "--artifacts /proc/enrollbench"),
+        (["run", "smoke", "--artifacts", "/dev/null"], "--artifacts /dev/null: cannot make"),
         (["run", "smoke", "--set", "expect.issued_fraction=2"], "expect.issued_fraction = 2"),
     ],
 )
@@ -178,3 +180,13 @@ def test_suite_runs_every_profile_then_exits_1_when_one_falls_short(tmp_path: Pa
     assert done.returncode == 1, done.stderr
     assert "enrollbench: error: smoke: 0/20 issued" in done.stderr
     assert (out / "smoke.json").exists() and (out / "index.json").exists()
+
+
+def test_profiles_validate_refuses_a_warmup_as_long_as_the_run(tmp_path: Path) -> None:
+    """`profiles validate` names the file and both keys, one line, exit 2."""
+    path = tmp_path / "long-warmup.toml"
+    path.write_text('description = "x"\n[load]\nduration = 3.0\nwarmup_seconds = 5.0\n')
+    done = run_cli("profiles", "validate", str(path))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and str(path) in done.stderr
+    assert "load.warmup_seconds = 5.0 is not allowed" in done.stderr
