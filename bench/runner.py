@@ -24,6 +24,7 @@ from bench.corpus import CorpusSpec, build_corpus, load_keys
 from bench.errors import BenchError
 from bench.profile import Profile
 from bench.shard import ShardPlan, ShardResult, shard_main
+from engine.approval import ReviewBoard
 from engine.keys import load_private_key
 from engine.system import CAMaterial
 
@@ -101,6 +102,7 @@ def _plans(
     material: CAMaterial,
     corpus: CorpusSpec | None,
     options: RunOptions,
+    board: ReviewBoard | None,
 ) -> list[ShardPlan]:
     devices = int(profile.get("load", "devices"))
     sample = options.artifacts_sample if options.artifacts else 0
@@ -118,6 +120,7 @@ def _plans(
                 device_indices=mine,
                 corpus=corpus,
                 artifacts_sample=-(-sample // workers),
+                review_board=board,
             )
         )
     return plans
@@ -254,7 +257,12 @@ def execute(
     _prepare_corpus(corpus)
     material = ca_material(profile)
     corpus_s = time.perf_counter() - began
-    fleet = _Fleet(_plans(profile, workers, material, corpus, options), options.use_uvloop, target)
+    # One pool of administrators for the whole run, whatever the number of shards.
+    board = None
+    if profile.get("approval", "mode") == "administrator":
+        board = ReviewBoard.shared(profile.get("approval", "administrators"))
+    plans = _plans(profile, workers, material, corpus, options, board)
+    fleet = _Fleet(plans, options.use_uvloop, target)
     try:
         fleet.wait_ready()
         startup_s = time.perf_counter() - began - corpus_s
@@ -264,6 +272,8 @@ def execute(
         shards, died, interrupted = fleet.collect(progress)
     finally:
         fleet.stop()
+        if board is not None:
+            board.close()
     # The peak is sampled while the shards run, a few times a second.
     timings = {"corpus_s": corpus_s, "startup_s": startup_s}
     return RunOutput(shards, died, timings, interrupted, material, fleet.peak_rss, started_at)

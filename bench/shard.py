@@ -32,6 +32,7 @@ from bench.pacer import Pacer, timer_error_ns
 from bench.profile import Profile
 from bench.schedule import arrival_offsets, arrivals_until, arrivals_within
 from bench.workloads import run_ready
+from engine.approval import ReviewBoard
 from engine.device import DeviceIdentity
 from engine.flow import Outcome, Status, Step
 from engine.population import device_identity, directory_entry, simulated_enrollee
@@ -59,6 +60,7 @@ class ShardPlan:
     device_indices: tuple[int, ...]
     corpus: CorpusSpec | None  # precomputed device crypto: the shard reads its part
     artifacts_sample: int = 0
+    review_board: ReviewBoard | None = None  # the run's one pool of administrators
 
 
 @dataclass(slots=True)
@@ -271,7 +273,10 @@ def engine_system(plan: ShardPlan, directory: str) -> tuple[System, list[DeviceI
     enrollees = [simulated_enrollee(i, seed) for i in plan.device_indices]
     iterations = profile.get("auth", "iterations")
     system = EnrollmentSystem(
-        config, plan.material, [directory_entry(e, seed, iterations) for e in enrollees]
+        config,
+        plan.material,
+        [directory_entry(e, seed, iterations) for e in enrollees],
+        review_board=plan.review_board,
     )
     corpus = None if plan.corpus is None else read_corpus(plan.corpus, plan.device_indices)
     identities = [

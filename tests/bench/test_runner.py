@@ -162,3 +162,27 @@ def test_worker_counts_split_the_devices(workers: int) -> None:
     result = _run(["load.devices=31"], workers=workers)
     assert result["outcomes"]["issued"] == 31
     assert result["manifest"]["workers"] == workers
+
+
+def test_one_administrator_pool_whatever_the_workers() -> None:
+    """Approval waits are the same with 1 and 2 shards: the run has one pool of administrators.
+
+    2 administrators taking 20 ms each serve 100/s; 120/s arrive for 2 s, so the queue grows
+    and a request waits ~n/600 s. Two pools of 2 (one per shard) would serve 200/s and never
+    queue: the issue step would stay near 20 ms with 2 workers.
+    """
+    overrides = [
+        "load.mode='open'",
+        "load.rate=120",
+        "load.duration=2.0",
+        "load.warmup_seconds=0.0",
+        "load.devices=400",
+        "approval.mode='administrator'",
+        "approval.administrators=2",
+        "approval.approval_rate=1.0",
+        "approval.delay={kind='fixed', mean=0.02}",
+    ]
+    one, two = (_run(overrides, workers)["latency"]["steps"]["issue"] for workers in (1, 2))
+    assert one["p50_us"] > 100_000 and two["p50_us"] > 100_000
+    assert two["p50_us"] == pytest.approx(one["p50_us"], rel=0.15)
+    assert two["p90_us"] == pytest.approx(one["p90_us"], rel=0.15)
