@@ -29,7 +29,9 @@ from engine import _der
 from engine.flow import Step
 
 GENERATOR_CPU_LIMIT = 0.10  # above this share of the shards' CPU the generator may be the limit
-TIMER_ERROR_LIMIT = 0.05  # open loop: timer error p99 above 5% of the latency p50 it sits in
+# Open loop: a reported latency percentile may be off by the generator's timer error at about
+# the same percentile; above 10% of it, the percentile is not the CA's.
+TIMER_ERROR_LIMIT = 0.10
 RATE_SHORTFALL = 0.95  # open loop: starting under 95% of the target rate means the same
 # Steps that do no work when the device's crypto comes from the corpus (step 5 still stores).
 PRECOMPUTED_STEPS = frozenset({Step.GENERATE_KEY.label, Step.BUILD_REQUEST.label})
@@ -271,11 +273,12 @@ def _generator_block(
         error = histograms.get("timer_error", Histogram()).summary()
         latency = histograms.get("end_to_end.latency", Histogram()).summary()
         timer_error = error.as_dict()
-        if error.count and error.p99 > TIMER_ERROR_LIMIT * max(latency.p50, 1):
-            reasons.append(
-                f"timer error p99 {error.p99} µs is over {TIMER_ERROR_LIMIT:.0%} of the "
-                f"latency p50 ({latency.p50} µs)"
-            )
+        for label, own, seen in (("p50", error.p50, latency.p50), ("p99", error.p99, latency.p99)):
+            if error.count and own > TIMER_ERROR_LIMIT * max(seen, 1):
+                reasons.append(
+                    f"timer error {label} {own} µs is over {TIMER_ERROR_LIMIT:.0%} of the "
+                    f"latency {label} ({seen} µs)"
+                )
         target = float(profile.get("load", "rate"))
         achieved = sum(s.offered_in_window for s in shards) / max(window, 1e-9)
         if (

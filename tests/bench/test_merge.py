@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from bench.merge import _generator_block, _outcome_block, _rates
+import numpy as np
+
+from bench.histogram import Histogram
+from bench.merge import _expectation, _generator_block, _outcome_block, _rates
 from bench.profile import load_profile
 from bench.shard import ShardResult
 
@@ -90,3 +93,32 @@ def test_open_loop_shortfall_is_flagged() -> None:
         profile, [_shard(0, 10, 1, cpu=0.2, generator=0.01, elapsed=1.0, offered=400)], {}, 1.0
     )
     assert block["generator_bound"] and "started 400/s of the 1000/s asked" in block["reasons"]
+
+
+def _latency_histograms(latency_us: int, timer_error_us: int) -> dict[str, Histogram]:
+    latency, error = Histogram(), Histogram()
+    latency.record_many(np.full(100, latency_us, dtype=np.int64))
+    error.record_many(np.full(100, timer_error_us, dtype=np.int64))
+    return {"end_to_end.latency": latency, "timer_error": error}
+
+
+def test_timer_error_large_against_latency_flags_the_run() -> None:
+    """An open-loop run whose timer error is over 10% of the latency it reports is flagged."""
+    profile = load_profile("smoke", ["load.mode='open'", "load.rate=10"])
+    shards = [_shard(0, 10, 1, cpu=1.0, generator=0.01, elapsed=1.0, offered=10)]
+    small = _generator_block(profile, shards, _latency_histograms(1000, 50), 1.0)
+    large = _generator_block(profile, shards, _latency_histograms(1000, 300), 1.0)
+    assert not small["generator_bound"] and small["timer_error"]["p99_us"] == 50
+    assert large["generator_bound"]
+    assert any("timer error p99 300 µs" in reason for reason in large["reasons"])
+
+
+def test_expectation_compares_the_issued_share_with_the_profile() -> None:
+    """All rejected is not what an auto-issue profile expects; a 98% approval within 3% is."""
+    auto = load_profile("smoke")
+    assert not _expectation(auto, 0, 300)["met"]
+    assert _expectation(auto, 300, 300)["met"]
+    assert not _expectation(auto, 0, 0)["met"]  # nothing started is never a pass
+    approval = load_profile("smoke", ["expect.issued_fraction=0.98", "expect.tolerance=0.03"])
+    assert _expectation(approval, 960, 1000)["met"]
+    assert not _expectation(approval, 940, 1000)["met"]
