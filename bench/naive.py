@@ -96,10 +96,10 @@ def naive_rate(server: NaiveServer, seconds: float) -> float:
 
 
 def run_rate(profile: Profile, workers: int) -> float:
-    """enrollbench run's enrollments per second on `profile` (its load section as given)."""
+    """enrollbench run's issued certificates per second on `profile` (its load as given)."""
     output = execute(profile, workers, RunOptions(workers), None)
     result = build_result(profile, workers, output)
-    return float(result["throughput"]["enrollments_per_s"])
+    return float(result["throughput"]["issued_per_s"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
