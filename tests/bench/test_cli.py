@@ -190,3 +190,22 @@ def test_profiles_validate_refuses_a_warmup_as_long_as_the_run(tmp_path: Path) -
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and str(path) in done.stderr
     assert "load.warmup_seconds = 5.0 is not allowed" in done.stderr
+
+
+def test_live_profile_measures_device_steps_and_auto_marks_them_precomputed(tmp_path: Path) -> None:
+    """p256-live measures steps 1, 5, 6; p256-auto marks 1 and 6 precomputed (5 still stores)."""
+    device_steps = ("generate-key", "store-key-pair", "build-request")
+    steps = {}
+    for name in ("p256-live", "p256-auto"):
+        out = tmp_path / f"{name}.json"
+        done = run_cli(
+            "run", name, "--devices", "40", "--duration", "0", "--quiet", "--out", str(out),
+            "--set", "load.warmup_seconds=0",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        steps[name] = read_result(out)["latency"]["steps"]
+    for step in device_steps:
+        assert steps["p256-live"][step]["precomputed"] is False
+        assert steps["p256-live"][step]["count"] == 40
+    for step in ("generate-key", "build-request"):
+        assert steps["p256-auto"][step] == {"precomputed": True}
