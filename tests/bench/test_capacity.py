@@ -34,10 +34,29 @@ def test_bad_slo_is_a_usage_error(text: str) -> None:
         capacity.parse_slo(text)
 
 
-def test_search_brackets_the_capacity() -> None:
-    """Between a rate the engine meets and one it cannot, the answer lies in between."""
-    profile = load_profile("smoke", ["load.devices=200"])
-    result = capacity.search(profile, ("p99_us", 50_000.0), 2, 1.0, 20.0, 40_000.0, 1, quiet=True)
+def _fake_trials(monkeypatch: pytest.MonkeyPatch, rejected_share: float = 0.0) -> None:
+    """Trials without runs: p99 is 10 µs per arrival/s (5 ms at 500/s), a share rejected."""
+
+    def fake_trial(_profile: object, rate: float, _workers: int, seconds: float) -> dict[str, Any]:
+        started = round(rate * seconds)
+        rejected = round(started * rejected_share)
+        return synthetic_result(
+            started - rejected,
+            rejected,
+            issued_fraction=1.0 - rejected_share,
+            tolerance=0.02 if rejected_share else 0.0,
+            p99_us=round(10 * rate),
+            seconds=seconds,
+        )
+
+    monkeypatch.setattr(capacity, "trial", fake_trial)
+
+
+def test_search_brackets_the_capacity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between a rate that meets the SLO and one that cannot, the answer lies in between."""
+    _fake_trials(monkeypatch)
+    profile = load_profile("smoke")
+    result = capacity.search(profile, ("p99_us", 5_000.0), 2, 1.0, 20.0, 40_000.0, 1, quiet=True)
     assert result["kind"] == "capacity"
     rates = [p["rate"] for p in result["points"]]
     assert rates == sorted(rates) and len(rates) == 3
@@ -104,20 +123,7 @@ def test_search_finds_the_rate_where_approval_latency_crosses_the_slo(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With 2% rejected by design at every rate, the answer is where p99 crosses the limit."""
-
-    def fake_trial(_profile: object, rate: float, _workers: int, seconds: float) -> dict[str, Any]:
-        started = round(rate * seconds)
-        rejected = started // 50
-        return synthetic_result(
-            started - rejected,
-            rejected,
-            issued_fraction=0.98,
-            tolerance=0.02,
-            p99_us=round(10 * rate),  # p99 grows with the rate: 5 ms at 500/s
-            seconds=seconds,
-        )
-
-    monkeypatch.setattr(capacity, "trial", fake_trial)
+    _fake_trials(monkeypatch, rejected_share=0.02)
     profile = load_profile("p256-admin-approval")
     result = capacity.search(profile, ("p99_us", 5_000.0), 2, 4.0, 50.0, 5000.0, 12, quiet=True)
     assert result["capacity_per_s"] == pytest.approx(500.0, rel=0.01)
