@@ -1,20 +1,28 @@
 """The gate's fixed, seeded workload, run against one source tree (PYTHONPATH picks the tree).
 
-    python gate_driver.py count K      # set up, then K enrollments, then exit (under valgrind)
-    python gate_driver.py serve        # set up, then answer "run N" with the ns N enrollments took
+    python gate_driver.py count K      # set up, K enrollments, print the environment, exit
+    python gate_driver.py serve        # set up, print the environment, then answer "run N"
+                                       # with the ns N enrollments took
 
 It imports only the engine of the tree under test, so the same driver measures a baseline git
 ref and the current code alike. The workload is the full flow for precomputed P-256 devices,
 auto-issue, no link latency: no coroutine ever waits, so each enrollment is driven without an
 event loop and the instruction count is the same from run to run.
+
+The environment line (JSON: python, prefix, cryptography, openssl, engine folder, DER path) is
+read by the gate, which checks that the measured process ran in the gate's own environment and
+names the versions in its verdict: a number is only meaningful with what produced it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import platform
 import sys
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from engine.keys import Signer, derive_private_key, key_spec, private_key_to_der
@@ -24,6 +32,10 @@ from engine.system import CAMaterial, EngineConfig, EnrollmentSystem
 
 DEVICES = 64
 SEED = 20261129
+
+
+class NotIssuedError(RuntimeError):
+    """A gate enrollment ended without a certificate: the workload is broken, not fast."""
 
 
 # bench.workloads.run_ready does the same; the driver repeats it on purpose, because it must run
@@ -60,18 +72,45 @@ def build() -> tuple[EnrollmentSystem, list[Any]]:
     return system, identities
 
 
-def run(system: EnrollmentSystem, identities: list[Any], count: int, offset: int) -> None:
+def run(system: Any, identities: list[Any], count: int, offset: int) -> None:
+    """Enroll `count` devices; every one must be issued (a rejection or failure is no speed-up)."""
     for n in range(offset, offset + count):
         outcome = _drive(system.enroll(identities[n % len(identities)]))
         if outcome.serial is None:
-            raise RuntimeError(f"gate enrollment not issued: {outcome}")
+            raise NotIssuedError(f"gate enrollment not issued: {outcome}")
+
+
+def environment() -> dict[str, str]:
+    """What this process measures with, as it sees it from inside."""
+    import cryptography  # noqa: PLC0415 (reported, not used)
+    from cryptography.hazmat.backends.openssl import backend  # noqa: PLC0415
+
+    import engine  # noqa: PLC0415
+
+    try:
+        import engine._derc  # noqa: PLC0415 (only whether the C DER path is there)
+    except ImportError:
+        der = "python"
+    else:
+        der = "c"
+    return {
+        "python": platform.python_version(),
+        "prefix": sys.prefix,
+        "cryptography": cryptography.__version__,
+        "cryptography_path": str(Path(cryptography.__file__).resolve().parent),
+        "openssl": backend.openssl_version_text(),
+        "engine": str(Path(engine.__file__).resolve().parent),
+        "der": der,
+    }
 
 
 def main(argv: list[str]) -> int:
     system, identities = build()
     if argv[1] == "count":
         run(system, identities, int(argv[2]), 0)
+        print(json.dumps(environment()), flush=True)
         return 0
+    print(json.dumps(environment()), flush=True)
     done = 0
     for line in sys.stdin:
         command, _, value = line.strip().partition(" ")

@@ -9,12 +9,14 @@
 
 A rule says how far a metric may move the wrong way before the gate calls it a regression:
 `throughput:-5%` fails when throughput drops more than 5%, `p99:+10%` when p99 grows more than
-10%. Metrics: throughput, issued (CA issues/s), p50, p90, p99, p99.9 (end to end), `<step>.pNN`
-(one step of the flow, e.g. issue.p99), instructions (per enrollment, layer 1).
+10%. Metrics: throughput (enrollments/s), issued (issued certificates/s, the headline), p50, p90,
+p99, p99.9 (end to end), `<step>.pNN` (one step of the flow by its label, e.g. issue.p99),
+instructions (per enrollment). Which gate layer judges which metric: bench.gate.layers_of.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -24,12 +26,14 @@ from typing import Any
 
 from bench.errors import ProfileError, UsageError
 from bench.profile import PROFILE_DIRECTORY, resolve
+from engine.flow import Step
 
 SUITE_DIRECTORY = PROFILE_DIRECTORY / "suites"
 _RULE = re.compile(r"^([a-z0-9.-]+)\s*[:=]\s*([+-])(\d+(?:\.\d+)?)%$")
 _PERCENTILES = ("p50", "p90", "p99", "p99.9")
 METRICS = ("throughput", "issued", *_PERCENTILES, "instructions")
-_STEP_METRIC = re.compile(r"^[a-z]+(?:-[a-z]+)*\.(?:p50|p90|p99|p99\.9)$")
+_STEP_METRIC = re.compile(r"^([a-z]+(?:-[a-z]+)*)\.(p50|p90|p99|p99\.9)$")
+STEPS = tuple(step.label for step in Step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +48,7 @@ class Rule:
         return self.metric in ("throughput", "issued")
 
     def __str__(self) -> str:
-        return f"{self.metric}:{self.limit:+.0%}"
+        return f"{self.metric}:{self.limit * 100:+g}%"
 
 
 def parse_rule(text: str) -> Rule:
@@ -53,17 +57,26 @@ def parse_rule(text: str) -> Rule:
     if match is None:
         raise UsageError(f"rule {text!r}: expected metric:+N% or metric:-N%")
     metric, sign, number = match.groups()
-    if metric not in METRICS and not _STEP_METRIC.match(metric):
+    step = _STEP_METRIC.match(metric)
+    if metric not in METRICS and step is None:
         raise UsageError(
             f"rule {text!r}: unknown metric {metric!r}; known: throughput, issued, "
             "p50, p90, p99, p99.9, instructions, <step>.pNN"
         )
+    if step is not None and step.group(1) not in STEPS:
+        raise UsageError(f"rule {text!r}: {_unknown_step(*step.groups())}")
     limit = float(number) / 100.0 * (1 if sign == "+" else -1)
     rule = Rule(metric, limit)
     if (limit < 0) != rule.higher_is_better:
         worse = "down" if rule.higher_is_better else "up"
         raise UsageError(f"rule {text!r}: {metric} regresses when it goes {worse}")
     return rule
+
+
+def _unknown_step(name: str, percentile: str) -> str:
+    close = difflib.get_close_matches(name, STEPS, n=1)
+    hint = f"did you mean {close[0] + '.' + percentile!r}? " if close else ""
+    return f"no step {name!r} in the flow; {hint}steps: {', '.join(STEPS)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from bench import gate
+from bench import gate, gate_driver
 from bench.errors import UsageError
 from bench.suite import parse_rule
-from tests.bench.conftest import make_result, run_cli
+from engine.flow import Outcome, Status, Step
+from tests.bench.conftest import measured_result, run_cli
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +28,16 @@ def _slow_issue(self: CertificationAuthority, request: ParsedRequest, user: User
 
 
 CertificationAuthority.issue = _slow_issue  # type: ignore[method-assign]
+"""
+FAILING_ISSUE = """
+
+def _failing_issue(self: CertificationAuthority, request: ParsedRequest, user: User) -> Issued:
+    from engine.errors import FailedError
+
+    raise FailedError("fails fast")
+
+
+CertificationAuthority.issue = _failing_issue  # type: ignore[method-assign]
 """
 
 
@@ -72,6 +82,28 @@ def test_repeated_counts_agree(clone: Path) -> None:
     assert abs(first / second - 1) < 0.001
 
 
+def test_failing_fast_stops_the_ab_layer(clone: Path) -> None:
+    """A tree whose enrollments fail (cheaply) is a broken workload, exit 2, never "faster"."""
+    with (clone / "engine" / "ca.py").open("a") as handle:
+        handle.write(FAILING_ISSUE)
+    done = _gate(clone, "--layers", "ab", "--budget", "5")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "not issued" in done.stderr
+
+
+class _Rejecting:
+    """An engine double whose every enrollment is rejected at issuance."""
+
+    async def enroll(self, identity: object) -> Outcome:
+        return Outcome(str(identity), Status.REJECTED, Step.ISSUE, reason="policy")
+
+
+def test_the_workload_refuses_an_enrollment_not_issued() -> None:
+    """The driver raises on the first enrollment that ends without a certificate."""
+    with pytest.raises(gate_driver.NotIssuedError, match="not issued"):
+        gate_driver.run(_Rejecting(), ["device-0"], 1, 0)
+
+
 def test_unknown_ref_is_exit_2(clone: Path) -> None:
     """A baseline ref that does not exist is a one-line error and exit code 2."""
     done = _gate(clone, "--baseline", "no-such-ref")
@@ -93,16 +125,10 @@ def test_missing_valgrind_is_a_usage_error(clone: Path, monkeypatch: pytest.Monk
 
 
 def _result_pair(tmp_path: Path) -> tuple[Path, Path]:
-    """A real smoke result and a copy whose throughput halved."""
-    stored = make_result(tmp_path, "stored")
-    data = json.loads(stored.read_text())
-    slower = copy.deepcopy(data)
-    slower["throughput"]["enrollments_per_s"] /= 2
-    slower["throughput"]["series"]["completed"] = [
-        v // 2 for v in data["throughput"]["series"]["completed"]
-    ]
-    current = tmp_path / "current.json"
-    current.write_text(json.dumps(slower))
+    """A seeded result and one whose issued/s (and so enrollments/s) halved."""
+    stored, current = tmp_path / "stored.json", tmp_path / "current.json"
+    stored.write_text(json.dumps(measured_result(seed=0)))
+    current.write_text(json.dumps(measured_result(seed=0, issued_per_s=4000.0)))
     return stored, current
 
 

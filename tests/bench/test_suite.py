@@ -88,3 +88,25 @@ def test_profiles_commands(tmp_path: Path) -> None:
     done = run_cli("profiles", "validate", "profiles/smoke.toml", str(bad))
     assert done.returncode == 2
     assert "ok: profiles/smoke.toml" in done.stdout and "ca.key = 'dsa'" in done.stderr
+
+
+def test_step_rules_name_the_flows_steps() -> None:
+    """A step rule names an engine.flow.Step label; a near miss is refused with a suggestion."""
+    assert parse_rule("match-and-deliver.p99.9:+5%").metric == "match-and-deliver.p99.9"
+    with pytest.raises(UsageError, match=r"did you mean 'issue\.p99'"):
+        parse_rule("isue.p99:+10%")
+    with pytest.raises(UsageError, match="no step 'quantum' in the flow"):
+        parse_rule("quantum.p50:+10%")
+
+
+def test_a_suite_with_a_misspelt_step_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "typo.toml"
+    path.write_text('profiles = ["smoke"]\n[rules]\n"isue.p99" = "+10%"\n')
+    with pytest.raises(ProfileError, match=r"did you mean 'issue\.p99'"):
+        load_suite(str(path))
+
+
+def test_rules_print_as_written() -> None:
+    """A fractional limit keeps its digits in messages (p99.9:+0.1%, not +0%)."""
+    assert str(parse_rule("p99.9:+0.1%")) == "p99.9:+0.1%"
+    assert str(parse_rule("issued:-5%")) == "issued:-5%"
