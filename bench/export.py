@@ -1,15 +1,18 @@
 """Export a run result in pytest-benchmark's JSON format, for CI charting that reads it.
 
-Each histogram becomes one benchmark (`end_to_end`, then one per step, grouped under the
-profile), its statistics in seconds as pytest-benchmark writes them; `ops` is throughput for
-the `throughput` entry and 1/mean for latencies, as pytest-benchmark defines it.
+Each histogram becomes one benchmark (`end_to_end`, then one per measured step, grouped under
+the profile), its statistics in seconds as pytest-benchmark writes them; `ops` is issued/s for
+the `throughput` entry (enrollments/s in its extra_info) and 1/mean for latencies, as
+pytest-benchmark defines it. Steps that did no work in the run (precomputed) are left out, and
+so is the generator's own timer error: neither is a latency of the system under test.
+Provenance is the run's, never the export's: `datetime` is when the run started and
+`commit_info` its commit and dirty flag (null when the run did not know them).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,24 +83,39 @@ def _entry(group: str, name: str, stats: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _latency_entries(result: Mapping[str, Any], group: str) -> list[dict[str, Any]]:
+    """One entry per measured latency histogram: end to end, then the steps that did work."""
+    precomputed = {
+        label for label, step in result["latency"]["steps"].items() if step["precomputed"]
+    }
+    entries = []
+    for name, encoded in result["histograms"].items():
+        label = "end_to_end" if name == "end_to_end.latency" else name.removeprefix("step.")
+        if not (name == "end_to_end.latency" or name.startswith("step.")) or label in precomputed:
+            continue  # service time, the generator's timer error, steps that did no work
+        histogram = Histogram.decode(encoded)
+        if histogram.count:
+            entries.append(_entry(group, label, _stats(histogram)))
+    return entries
+
+
 def to_pytest_benchmark(result: Mapping[str, Any]) -> dict[str, Any]:
     """The result as a pytest-benchmark JSON document."""
     manifest = result["manifest"]
     group = manifest["profile"]
-    benchmarks = []
-    for name, encoded in result["histograms"].items():
-        if name in {"end_to_end.service", "schedule_lag"}:
-            continue
-        label = "end_to_end" if name == "end_to_end.latency" else name.removeprefix("step.")
-        histogram = Histogram.decode(encoded)
-        if histogram.count:
-            benchmarks.append(_entry(group, label, _stats(histogram)))
-    rate = float(result["throughput"]["enrollments_per_s"])
     throughput = _entry(
         group,
         "throughput",
-        {**_stats(Histogram()), "ops": rate, "rounds": result["outcomes"]["issued"]},
+        {
+            **_stats(Histogram()),
+            "ops": float(result["throughput"]["issued_per_s"]),
+            "rounds": result["outcomes"]["issued"],
+        },
     )
+    throughput["extra_info"] = {
+        "issued_per_s": result["throughput"]["issued_per_s"],
+        "enrollments_per_s": result["throughput"]["enrollments_per_s"],
+    }
     return {
         "machine_info": {
             "node": "",
@@ -107,9 +125,9 @@ def to_pytest_benchmark(result: Mapping[str, Any]) -> dict[str, Any]:
             "python_version": manifest["python"],
             "cpu": {"brand_raw": manifest["cpu_model"], "count": manifest["cpu_count"]},
         },
-        "commit_info": {"id": manifest.get("git_commit") or "", "dirty": False},
-        "benchmarks": [throughput, *benchmarks],
-        "datetime": datetime.now(UTC).isoformat(),
+        "commit_info": {"id": manifest["git_commit"], "dirty": manifest["git_dirty"]},
+        "benchmarks": [throughput, *_latency_entries(result, group)],
+        "datetime": manifest["started_at"],
         "version": "5.2.3",
     }
 
@@ -123,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     result = read_result(args.result)
-    if result.get("kind") != "run":
+    if result["kind"] != "run":
         raise ResultError(f"{args.result}: export reads run results")
     check_writable(args.out)
     write_result(args.out, to_pytest_benchmark(result))

@@ -3,7 +3,8 @@
 Four figures: latency CDFs per step (log scale), throughput over time, where an enrollment's
 time goes (mean per step), and the approval queue depth. `--html` writes one self-contained
 file (figures embedded, summary tables); `--png` writes the figures as PNG files. Needs
-matplotlib, the `[plot]` extra; without it the command says so and exits 2.
+matplotlib, the `[plot]` extra; without it the command says so and exits 2. Steps that did no
+work in the run (precomputed device crypto) read "precomputed", never 0.00 ms, and have no bar.
 """
 
 from __future__ import annotations
@@ -87,14 +88,23 @@ def _throughput(plt: Any, result: Mapping[str, Any]) -> Any:
 
 def _breakdown(plt: Any, result: Mapping[str, Any]) -> Any:
     steps = result["latency"]["steps"]
-    labels = list(steps)
+    labels = [label for label, step in steps.items() if not step["precomputed"]]
     means = [steps[s]["mean_us"] / 1000 for s in labels]
     figure, axes = plt.subplots(figsize=(9, 5))
     axes.barh(labels[::-1], means[::-1])
     axes.set_xlabel("mean time in the step (ms)")
     axes.set_title("where the time of an enrollment goes")
+    skipped = precomputed(result)
+    if skipped:
+        note = f"precomputed (no work in this run, no bar): {', '.join(skipped)}"
+        axes.text(0.99, 0.01, note, transform=axes.transAxes, ha="right", fontsize=8)
     axes.grid(True, axis="x", alpha=0.3)
     return figure
+
+
+def precomputed(result: Mapping[str, Any]) -> list[str]:
+    """Steps that did no work in the run."""
+    return [label for label, step in result["latency"]["steps"].items() if step["precomputed"]]
 
 
 def _approvals(plt: Any, result: Mapping[str, Any]) -> Any:
@@ -161,15 +171,18 @@ def write_html(result: Mapping[str, Any], images: Mapping[str, bytes], path: Pat
     )
     facts = [
         ["profile", manifest["profile"]],
-        ["enrollments/s", f"{result['throughput']['enrollments_per_s']:,.1f}"],
+        ["started", manifest["started_at"]],
         ["issued/s", f"{result['throughput']['issued_per_s']:,.1f}"],
+        ["enrollments/s", f"{result['throughput']['enrollments_per_s']:,.1f}"],
         [
             "outcomes",
             f"{outcomes['issued']} issued of {outcomes['started']}; rejected "
             f"{outcomes['rejected']}; failed {outcomes['failed']}",
         ],
-        ["generator-bound", str(result["generator"]["generator_bound"])],
+        ["expected issued", _expected(outcomes["expected"])],
+        ["generator-bound", _bound(result["generator"])],
         ["workers", str(manifest["workers"])],
+        ["commit", _commit(manifest)],
         [
             "versions",
             f"Python {manifest['python']}, cryptography {manifest['cryptography']}, "
@@ -193,8 +206,30 @@ text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
 
 
 def _stats(stats: Mapping[str, Any]) -> list[str]:
+    if stats.get("precomputed"):
+        return ["precomputed", "", "", "", "", ""]  # no work in this run: never 0.00 ms
     keys = ("p50_us", "p90_us", "p99_us", "p99_9_us", "max_us")
     return [str(stats["count"]), *(f"{stats[k] / 1000:.3f}" for k in keys)]
+
+
+def _expected(expected: Mapping[str, Any]) -> str:
+    verdict = "met" if expected["met"] else "NOT met"
+    return (
+        f"{expected['issued_share']:.2%} issued; expected {expected['issued_fraction']:.2%} "
+        f"± {expected['tolerance']:.2%}: {verdict}"
+    )
+
+
+def _bound(generator: Mapping[str, Any]) -> str:
+    if not generator["generator_bound"]:
+        return "no"
+    return "YES: " + "; ".join(generator["reasons"])
+
+
+def _commit(manifest: Mapping[str, Any]) -> str:
+    commit = manifest["git_commit"] or "unknown"
+    dirty = {True: " (uncommitted changes)", False: "", None: " (dirty: unknown)"}
+    return commit + dirty[manifest["git_dirty"]]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,7 +243,7 @@ def command(args: argparse.Namespace) -> int:
     if args.html is None and args.png is None:
         raise UsageError("report: give --html OUT.html and/or --png DIR")
     result = read_result(args.result)
-    if result.get("kind") != "run":
+    if result["kind"] != "run":
         raise ResultError(f"{args.result}: report reads run results")
     images = render(result)
     if args.png is not None:

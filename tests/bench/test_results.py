@@ -261,7 +261,9 @@ def corrupted(draw: st.DrawFn, text: str) -> str:
     return ":".join(fields)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.data())
 def test_a_broken_histogram_is_named(
     tmp_path: Path, result_factory: Callable[..., dict[str, Any]], data: st.DataObject
