@@ -189,7 +189,7 @@ def print_curve(result: dict[str, Any], out: Path) -> None:
             str(point["failed"]),
             _verdict(point, key, limit),
         )
-    console = Console()
+    console = Console(width=max(Console().width, 110))  # room for "generator-bound"
     console.print(table)
     capacity = result["capacity_per_s"]
     if capacity is None:
