@@ -128,6 +128,10 @@ def search(
     """Bisect between `low` and `high`; return a capacity result document."""
     if not 0 < low < high:
         raise UsageError("--low must be positive and below --high")
+    if not seconds > 0:
+        raise UsageError("--step-seconds must be positive")
+    if iterations < 0:
+        raise UsageError("--iterations must be 0 or more")
     key, limit = slo
     console = Console(stderr=True, quiet=quiet)
     points: list[dict[str, Any]] = []

@@ -152,3 +152,22 @@ def test_search_on_a_small_approval_profile_counts_only_unexpected_outcomes() ->
         assert point["meets"] == (
             point["latency"]["p99_us"] <= limit and not point["generator_bound"]
         )
+
+
+@pytest.mark.parametrize(
+    ("bounds", "message"),
+    [
+        ((0.0, 10.0, 1.0, 1), "--low"),
+        ((5.0, 10.0, 0.0, 1), "--step-seconds"),
+        ((5.0, 10.0, 1.0, -1), "--iterations"),
+    ],
+)
+def test_bad_search_bounds_are_usage_errors(
+    bounds: tuple[float, float, float, int], message: str
+) -> None:
+    """A zero rate, a zero-length trial or negative iterations are refused before any run."""
+    low, high, seconds, iterations = bounds
+    with pytest.raises(UsageError, match=message):
+        capacity.search(
+            load_profile("smoke"), ("p99_us", 1.0), 1, seconds, low, high, iterations, quiet=True
+        )
