@@ -174,6 +174,7 @@ def read_environment(line: str, tree: Path) -> Environment:
             str(raw["engine"]),
             str(raw["der"]),
         )
+        der_path = str(raw.get("der_path", ""))
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(
             f"the workload in {tree} did not report its environment: {line!r}"
@@ -190,6 +191,8 @@ def read_environment(line: str, tree: Path) -> Environment:
         )
     if Path(found.engine) != (tree / "engine").resolve():
         raise UsageError(f"the workload imported the engine from {found.engine}, not from {tree}")
+    if der_path and Path(der_path).parent != (tree / "engine").resolve():
+        raise UsageError(f"the workload's C DER path came from {der_path}, not from {tree}")
     return found
 
 

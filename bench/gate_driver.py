@@ -25,10 +25,28 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from engine.keys import Signer, derive_private_key, key_spec, private_key_to_der
-from engine.population import device_identity, directory_entry, simulated_enrollee
-from engine.request import RequestContent, RequestTemplate
-from engine.system import CAMaterial, EngineConfig, EnrollmentSystem
+
+def _only_the_tree_under_test() -> None:
+    """Drop editable-install finders (`pip install -e`): they serve any engine module the tree
+    lacks from the installed checkout, so a tree whose C DER path was not built ran another
+    checkout's compiled module (seen: it failed to load, or timed foreign code)."""
+    sys.meta_path[:] = [
+        finder
+        for finder in sys.meta_path
+        if not str(getattr(finder, "__module__", "")).startswith("__editable__")
+    ]
+
+
+_only_the_tree_under_test()
+
+from engine.keys import Signer, derive_private_key, key_spec, private_key_to_der  # noqa: E402
+from engine.population import (  # noqa: E402
+    device_identity,
+    directory_entry,
+    simulated_enrollee,
+)
+from engine.request import RequestContent, RequestTemplate  # noqa: E402
+from engine.system import CAMaterial, EngineConfig, EnrollmentSystem  # noqa: E402
 
 DEVICES = 64
 SEED = 20261129
@@ -88,11 +106,11 @@ def environment() -> dict[str, str]:
     import engine  # noqa: PLC0415
 
     try:
-        import engine._derc  # noqa: PLC0415 (only whether the C DER path is there)
+        import engine._derc as derc  # noqa: PLC0415 (only whether the C DER path is there)
     except ImportError:
-        der = "python"
+        der, der_path = "python", ""
     else:
-        der = "c"
+        der, der_path = "c", str(Path(str(derc.__file__)).resolve())
     return {
         "python": platform.python_version(),
         "prefix": sys.prefix,
@@ -101,6 +119,7 @@ def environment() -> dict[str, str]:
         "openssl": backend.openssl_version_text(),
         "engine": str(Path(engine.__file__).resolve().parent),
         "der": der,
+        "der_path": der_path,
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -133,3 +134,18 @@ def test_a_live_worker_is_pinned_and_reports_this_environment() -> None:
     assert Path(measured.prefix) == Path(sys.prefix)
     assert measured.cryptography == cryptography.__version__
     assert Path(measured.engine) == (ROOT / "engine").resolve()
+
+
+def test_a_tree_without_its_c_build_runs_its_own_python_path(tmp_path: Path) -> None:
+    """A tree whose C DER module is not built never borrows the installed checkout's build
+    (an editable install's finder would serve it): it runs, and reports, its Python path."""
+    shutil.copytree(
+        ROOT / "engine", tmp_path / "engine", ignore=shutil.ignore_patterns("*.so", "__pycache__")
+    )
+    worker = gate._Worker(tmp_path, None)
+    try:
+        measured = worker.environment
+    finally:
+        worker.close()
+    assert measured.der == "python"
+    assert Path(measured.engine) == (tmp_path / "engine").resolve()
