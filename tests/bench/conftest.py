@@ -114,7 +114,7 @@ MEASURED_STEPS = {  # label -> median µs; None: precomputed (did no work in the
     "authenticate": 3.0,
     "request-dn": 6.0,
     "lookup-dn": 2.0,
-    "store-key-pair": None,
+    "store-key-pair": 2.0,
     "build-request": None,
     "send-request": 8.0,
     "fetch-chain": 4.0,

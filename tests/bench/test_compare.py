@@ -63,7 +63,7 @@ def test_default_rows_lead_with_issued_and_skip_precomputed(result_factory: Fact
     assert metrics[:3] == ["issued", "enrollments", "issued-share"]
     assert {"p50", "p90", "p99", "p99.9", "issue.p50", "install.p99"} <= set(metrics)
     assert not [m for m in metrics if m.startswith(("generate-key", "build-request"))]
-    assert precomputed_steps([a, b]) == ["generate-key", "store-key-pair", "build-request"]
+    assert precomputed_steps([a, b]) == ["generate-key", "build-request"]
 
 
 def test_every_metric_the_gate_names_has_a_row(result_factory: Factory) -> None:
@@ -231,7 +231,7 @@ def test_cli_formats(result_factory: Factory, tmp_path: Path, output: str) -> No
     if output == "json":
         comparison = json.loads(done.stdout)["comparisons"][0]
         assert comparison["rows"][0]["metric"] == "issued"
-        assert comparison["precomputed"] == ["generate-key", "store-key-pair", "build-request"]
+        assert comparison["precomputed"] == ["generate-key", "build-request"]
     elif output == "markdown":
         assert "| metric | A | B | B/A | interval | verdict |" in done.stdout
     else:

@@ -38,7 +38,7 @@ def test_precomputed_steps_read_precomputed_in_the_html(
     page = tmp_path / "r.html"
     report.write_html(result_factory(seed=1), {}, page)
     text = page.read_text()
-    for step in ("generate-key", "store-key-pair", "build-request"):
+    for step in ("generate-key", "build-request"):
         row = re.search(rf"<tr><td>{step}</td>(.*?)</tr>", text)
         assert row is not None and "<td>precomputed</td>" in row.group(1)
         assert "0.000" not in row.group(1)
