@@ -158,9 +158,7 @@ class Histogram:
             if tag != _ENCODING:
                 raise ResultError(f"unknown histogram encoding {tag[:20]!r}")
             bounds = int(low), int(high), int(total)
-            raw = np.frombuffer(
-                zlib.decompress(base64.b64decode(payload, validate=True)), dtype="<i8"
-            )
+            raw = np.frombuffer(_inflate(base64.b64decode(payload, validate=True)), dtype="<i8")
             indices, counts = raw.reshape(2, -1)
         except (ValueError, zlib.error) as exc:
             raise ResultError(f"corrupt histogram: {str(exc)[:80]}") from exc
@@ -169,6 +167,16 @@ class Histogram:
         histogram.counts[indices] = counts
         histogram.min, histogram.max, histogram.total = bounds
         return histogram
+
+
+def _inflate(data: bytes) -> bytes:
+    """zlib-decompress at most what `encode` can write (every bucket once), never more."""
+    limit = 2 * 8 * SIZE
+    inflater = zlib.decompressobj()
+    raw = inflater.decompress(data, limit)
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise ValueError("payload longer than any histogram, or cut short")
+    return raw
 
 
 def _check_decoded(

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import zlib
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.errors import ResultError
-from bench.histogram import HIGHEST, Histogram, bucket_index, bucket_upper, merged
+from bench.histogram import HIGHEST, SIZE, Histogram, bucket_index, bucket_upper, merged
 
 
 @given(st.lists(st.integers(min_value=1, max_value=HIGHEST), min_size=1, max_size=200))
@@ -79,3 +83,51 @@ def test_empty_histogram_summarizes_to_zero() -> None:
     """An empty histogram reports zero counts and values."""
     assert Histogram().summary().count == 0
     assert Histogram().percentile(99) == 0
+
+
+def test_a_payload_larger_than_any_histogram_is_refused() -> None:
+    """A compressed payload inflating past every bucket is corrupt, not decoded into memory."""
+    payload = base64.b64encode(zlib.compress(bytes(16 * SIZE + 16))).decode("ascii")
+    with pytest.raises(ResultError, match="corrupt histogram"):
+        Histogram.decode(f"llh1:0:0:0:{payload}")
+
+
+def test_a_cut_payload_is_refused() -> None:
+    """A payload cut short (no zlib end) is corrupt."""
+    histogram = Histogram()
+    histogram.record_many([5, 70, 3000])
+    head, payload = histogram.encode().rsplit(":", 1)
+    cut = base64.b64encode(base64.b64decode(payload)[:-4]).decode("ascii")
+    with pytest.raises(ResultError, match="corrupt histogram"):
+        Histogram.decode(f"{head}:{cut}")
+
+
+def _encoded_pairs(indices: list[int], counts: list[int], head: str = "llh1:1:9:20") -> str:
+    pairs = np.array([indices, counts], dtype="<i8").tobytes()
+    return f"{head}:" + base64.b64encode(zlib.compress(pairs)).decode("ascii")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (_encoded_pairs([SIZE], [1]), "out of range"),
+        (_encoded_pairs([-1], [1]), "out of range"),
+        (_encoded_pairs([9, 3], [1, 1]), "out of order"),
+        (_encoded_pairs([3, 9], [1, -2]), "negative count"),
+        (_encoded_pairs([3], [1], "llh1:9:1:20"), "min above max"),
+        (_encoded_pairs([3], [1], "llh1:1:9:-5"), "out of range"),
+        (_encoded_pairs([3], [1], "llh1:1:x:20"), "corrupt histogram"),
+    ],
+)
+def test_encodings_encode_could_not_write_are_refused(text: str, problem: str) -> None:
+    """Buckets out of range or order, negative counts, impossible bounds: ResultError."""
+    with pytest.raises(ResultError, match=problem):
+        Histogram.decode(text)
+
+
+@given(st.one_of(st.text(max_size=60), st.binary(max_size=60).map(lambda b: b.hex())))
+def test_any_text_decodes_or_raises_result_error(text: str) -> None:
+    """Whatever the string, decoding gives a histogram or a ResultError, nothing else."""
+    for candidate in (text, f"llh1:{text}", f"llh1:1:2:3:{text}"):
+        with contextlib.suppress(ResultError):
+            Histogram.decode(candidate)
