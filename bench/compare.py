@@ -417,12 +417,10 @@ class Comparison:
 
     @property
     def method(self) -> str:
+        runs = f"{len(self.baseline)} vs {len(self.candidate)} runs"
         if len(self.baseline) >= 2 and len(self.candidate) >= 2:
-            return (
-                f"{len(self.baseline)} vs {len(self.candidate)} runs: intervals from the runs' "
-                "own spread"
-            )
-        return "one run per side: intervals from the A/A noise band (repeat runs, --vs, to narrow)"
+            return f"{runs}: intervals from the runs' own spread"
+        return f"{runs}: intervals from the A/A noise band (two or more runs a side: from the runs)"
 
 
 def _names(paths: Sequence[Path]) -> str:
