@@ -193,11 +193,14 @@ def _share(issued: int, started: int) -> _Sample | None:
 
 def _percentile_error(histogram: Histogram, percent: float) -> float:
     """Sampling error of log(percentile): half the log distance between the values one
-    binomial standard error of rank below and above it (order statistics, no resampling)."""
-    q = percent / 100.0
-    step = math.sqrt(q * (1.0 - q) / histogram.count) * 100.0
-    low = max(histogram.percentile(max(percent - step, 0.0)), 1)
-    high = max(histogram.percentile(min(percent + step, 100.0)), 1)
+    binomial standard error of rank below and above it, at least one rank either side (order
+    statistics, no resampling; a far tail of a small run is then as wide as its last values)."""
+    count = histogram.count
+    rank = percent / 100.0 * count
+    spread = max(math.sqrt(rank * (1.0 - percent / 100.0)), 1.0)
+    below = max(math.floor(rank - spread), 1) / count * 100.0
+    above = min(math.ceil(rank + spread), count) / count * 100.0
+    low, high = max(histogram.percentile(below), 1), max(histogram.percentile(above), 1)
     return (math.log(high) - math.log(low)) / 2.0
 
 

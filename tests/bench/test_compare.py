@@ -270,3 +270,26 @@ def test_readers_never_import_the_engine() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "below"),
+    [
+        (1, 2, True),
+        (20, 25, True),
+        (20, 26, False),
+        (10_000, 10_024, True),
+        (10_000, 10_040, False),
+    ],
+)
+def test_resolution_is_a_few_microseconds_or_buckets(first: int, second: int, below: bool) -> None:
+    """Within 5 µs, or 3 buckets (8 µs wide at 10 ms), is below what the histogram resolves."""
+    assert compare._below_resolution(first, second) is below
+
+
+def test_a_tail_percentile_of_few_samples_has_a_wider_interval(result_factory: Factory) -> None:
+    """The sampling error of a percentile grows as its histogram holds fewer values."""
+    few = compare_pair(result_factory(seed=1, count=200), result_factory(seed=2, count=200))
+    many = compare_pair(result_factory(seed=1), result_factory(seed=2))
+    width = {row.metric: row.high / row.low for row in many}
+    assert all(row.high / row.low > width[row.metric] for row in few if row.metric == "p99.9")
