@@ -90,16 +90,19 @@ class ReviewBoard:
     def __init__(
         self, buffer: mmap.mmap, fd: int | None, path: Path | None, owner: bool = False
     ) -> None:
-        """Use `private`, `shared` or unpickling; this wraps an initialised mapping."""
-        magic, administrators, _, _ = _HEADER.unpack_from(buffer)
-        if magic != _MAGIC or administrators < 1:
+        """Use `private`, `shared`, `attach` or unpickling; this wraps an initialised mapping."""
+        magic, administrators = (
+            (0, 0) if len(buffer) < _HEADER.size else _HEADER.unpack_from(buffer)[:2]
+        )
+        if magic != _MAGIC or administrators < 1 or len(buffer) < _size(administrators):
             raise ReviewBoardError(f"{path or 'the mapping'} is not a review board")
         self.administrators: int = administrators
         self.path = path
         self._buffer = buffer
         self._header = memoryview(buffer)[: _HEADER.size].cast("q")
-        self._free = memoryview(buffer)[_HEADER.size :].cast("d")
+        self._free = memoryview(buffer)[_HEADER.size : _size(administrators)].cast("d")
         self._fd = fd
+        self._pid = os.getpid()
         self._thread_lock = threading.Lock()  # flock does not exclude threads sharing one fd
         self._finalizer: weakref.finalize[..., ReviewBoard] | None = None
         if owner and path is not None:
@@ -137,8 +140,10 @@ class ReviewBoard:
         except FileNotFoundError as exc:
             raise ReviewBoardError(f"review board {path} is gone (its owner closed it)") from exc
         try:
-            buffer = mmap.mmap(fd, os.fstat(fd).st_size)
-            return cls(buffer, fd, Path(path))
+            size = os.fstat(fd).st_size
+            if size < _HEADER.size:
+                raise ReviewBoardError(f"{path} is not a review board")
+            return cls(mmap.mmap(fd, size), fd, Path(path))
         except BaseException:
             os.close(fd)
             raise
@@ -186,6 +191,8 @@ class ReviewBoard:
 
     # Plain methods, not a context manager: the generator machinery cost more than the lock.
     def _lock(self) -> None:
+        if self._pid != os.getpid():
+            self._after_fork()
         self._thread_lock.acquire()
         if self._fd is not None:
             try:
@@ -198,6 +205,25 @@ class ReviewBoard:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._thread_lock.release()
+
+    def _after_fork(self) -> None:
+        """In a forked child: a thread lock and a file descriptor of its own.
+
+        The inherited thread lock may have been copied while held, and flock does not exclude
+        processes that share one open file description. The mapping itself stays shared.
+        """
+        self._thread_lock = threading.Lock()
+        if self._fd is not None:
+            assert self.path is not None
+            try:
+                fd = os.open(self.path, os.O_RDWR)
+            except FileNotFoundError as exc:
+                raise ReviewBoardError(
+                    f"review board {self.path} is gone (its owner closed it)"
+                ) from exc
+            os.close(self._fd)
+            self._fd = fd
+        self._pid = os.getpid()
 
     def close(self) -> None:
         """Unmap this handle; the owner of a shared board also removes its file."""

@@ -208,10 +208,32 @@ def test_boards_of_dead_owners_are_swept(tmp_path: Path) -> None:
     mine.close()
 
 
-def test_a_file_that_is_not_a_board_is_refused(tmp_path: Path) -> None:
-    """Attaching to an arbitrary file fails with a typed error."""
+def _reserve_in_forked_child(board: ReviewBoard) -> None:
+    board.reserve(1.0, _at(0.0))
+
+
+def test_a_forked_child_is_excluded_by_the_lock(tmp_path: Path) -> None:
+    """A child forked with the handle cannot book while the parent holds the board's lock."""
+    with ReviewBoard.shared(1, tmp_path) as board:
+        board._lock()
+        child = multiprocessing.get_context("fork").Process(
+            target=_reserve_in_forked_child, args=(board,)
+        )
+        try:
+            child.start()
+            child.join(0.5)
+            assert child.is_alive(), "the child booked while the parent held the lock"
+        finally:
+            board._unlock()
+        child.join(30)
+        assert (child.exitcode, board.pending) == (0, 1)
+
+
+@pytest.mark.parametrize("content", [b"", bytes(8), bytes(64), b"ENRBRD01" + bytes(24)])
+def test_a_file_that_is_not_a_board_is_refused(tmp_path: Path, content: bytes) -> None:
+    """Attaching to a file that is not a board (empty, short, zeroes) fails with a typed error."""
     other = tmp_path / "other"
-    other.write_bytes(bytes(64))
+    other.write_bytes(content)
     with pytest.raises(ReviewBoardError, match="is not a review board"):
         ReviewBoard.attach(other)
 
