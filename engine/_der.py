@@ -230,15 +230,17 @@ def check_oid(data: bytes, offset: int, start: int, end: int) -> None:
         raise MalformedDerError("empty object identifier", offset)
     if end - start > 63:
         raise MalformedDerError("object identifier longer than 63 bytes", offset)
+    # Each subidentifier is checked where it ends (a byte without bit 8): minimal means it does
+    # not start with 0x80; below 2**128 means at most 19 bytes, the first of 19 at most 0x83.
     arc = start
     for index in range(start, end):
-        byte = data[index]
-        if index == arc and byte == 0x80:
+        if data[index] & 0x80:
+            continue
+        if data[arc] == 0x80:
             raise MalformedDerError("object identifier arc not minimal", offset)
-        if not byte & 0x80:
-            if index - arc > 18 or (index - arc == 18 and data[arc] > 0x83):
-                raise MalformedDerError("object identifier arc too large", offset)
-            arc = index + 1
+        if index - arc > 18 or (index - arc == 18 and data[arc] > 0x83):
+            raise MalformedDerError("object identifier arc too large", offset)
+        arc = index + 1
     if data[end - 1] & 0x80:
         raise MalformedDerError("truncated object identifier", offset)
 

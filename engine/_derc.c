@@ -241,17 +241,20 @@ check_oid(const unsigned char *d, Py_ssize_t offset, Py_ssize_t start, Py_ssize_
     if (end - start > 63) {
         return fail("object identifier longer than 63 bytes", offset);
     }
-    Py_ssize_t arc = start;
-    for (Py_ssize_t i = start; i < end; i++) {
-        if (i == arc && d[i] == 0x80) {
+    /* Each subidentifier is checked where it ends (a byte without bit 8): minimal means it does
+     * not start with 0x80; below 2**128 means at most 19 bytes, the first of 19 at most 0x83. */
+    const unsigned char *arc = d + start, *stop = d + end;
+    for (const unsigned char *p = arc; p < stop; p++) {
+        if (*p & 0x80) {
+            continue;
+        }
+        if (*arc == 0x80) {
             return fail("object identifier arc not minimal", offset);
         }
-        if (!(d[i] & 0x80)) {
-            if (i - arc > 18 || (i - arc == 18 && d[arc] > 0x83)) {
-                return fail("object identifier arc too large", offset);
-            }
-            arc = i + 1;
+        if (p - arc >= 18 && (p - arc > 18 || *arc > 0x83)) {
+            return fail("object identifier arc too large", offset);
         }
+        arc = p + 1;
     }
     if (d[end - 1] & 0x80) {
         return fail("truncated object identifier", offset);
