@@ -239,7 +239,7 @@ def test_approval_waits_overlap(make_system: SystemFactory) -> None:
 
 def test_device_statuses_include_pending_approval(make_system: SystemFactory) -> None:
     """Under approval, the device hears submitted, pending-approval, issued."""
-    approval = ApprovalPolicy(1, Distribution("fixed"), 1.0)
+    approval = ApprovalPolicy(1, Distribution("fixed", mean=0.0), 1.0)
     system, users = make_system(1, approval=approval)
     device = system.device(device_of(users[0]))
     asyncio.run(enroll(device, system.connection, system.enterprise, system._link))
