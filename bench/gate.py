@@ -3,12 +3,18 @@
 1. instructions: the per-enrollment instruction count of a fixed, seeded workload
    (`bench/gate_driver.py`) under valgrind (cachegrind, no cache simulation, fixed hash seed),
    baseline ref against the current tree. Deterministic: repeated counts agree to ~0.001%.
-2. ab: the same workload on the wall clock, baseline and current in two live processes,
-   alternating short blocks in random order; the verdict comes from a bootstrap interval of the
-   paired ratios against a minimum effect size, or is inconclusive when the noise does not allow
-   one within the time budget.
+2. ab: the same workload on the wall clock, in rounds: each round starts a fresh baseline and
+   current process pinned to one CPU, warms both equally, then times short blocks of each in
+   random order; a round gives the median of its paired ratios. The verdict comes from a
+   bootstrap interval of the round ratios against a minimum effect size, or is inconclusive when
+   the noise does not allow one within the time budget. (Two long-lived processes, unpinned,
+   compared the CPUs and process layouts they happened to get: A/A ratios of 0.70-1.10.)
 3. stored: a result file against a stored baseline (`results/baselines/`). Warning only unless
    `--strict`: stored-baseline comparisons on shared runners false-alarm 25-45% at a 5% threshold.
+
+Every measured process runs the gate's own interpreter and reports what it ran with (python,
+cryptography, OpenSSL, engine folder, DER path); the gate checks that against itself and names
+it in the verdict. Which layer judges which rule: `layers_of`.
 
 Exit codes: 0 pass, 1 regression, 2 usage or input error, 3 inconclusive.
 """
@@ -308,7 +314,8 @@ class _Worker:
         line = self.process.stdout.readline()
         if not line:
             error = self.process.stderr.read() if self.process.stderr else ""
-            raise UsageError(f"the A/B workload died: {error.strip().splitlines()[-1:]}")
+            last = (error.strip().splitlines() or ["no message"])[-1]
+            raise UsageError(f"the A/B workload in {self.tree} died: {last}")
         return line
 
     def block(self, enrollments: int) -> float:
@@ -350,9 +357,14 @@ def measuring_cpu() -> int | None:
 class ABDesign:
     """How the A/B layer measures: rounds of fresh process pairs, pinned to one CPU."""
 
-    block: int = 150  # enrollments per timed block (~30-45 ms here)
-    pairs: int = 5  # block pairs per round, after one equal warm-up block per side
-    first_look: int = 10  # rounds before the first verdict
+    # Short blocks: a pair's two blocks run within a few ms of each other, so both see the same
+    # machine state (this host's speed shifts by up to 1.5x for hundreds of ms at a time).
+    # Measured sd of A/A round ratios here: 0.076 with 5 pairs of 150, 0.037 with 15 of 50,
+    # 0.012 with 30 of 25 (45 s each, other helpers loading both CPUs).
+    block: int = 25  # enrollments per timed block (~5-7 ms here)
+    pairs: int = 30  # block pairs per round
+    warmup: int = 150  # enrollments each side runs untimed before its first block
+    first_look: int = 15  # rounds before the first verdict (the bootstrap needs a few)
     look_every: int = 10  # rounds between later looks
     confidence: float = 0.99  # at every look, so a few looks keep a false verdict rare
 
@@ -376,7 +388,7 @@ def _round(
         workers = (started[0], started[1])
         environments = (workers[0].environment, workers[1].environment)
         for side in sides:
-            workers[side].block(design.block)  # warm-up, the same for both
+            workers[side].block(design.warmup)  # the same warm-up for both
         ratios = []
         for _ in range(design.pairs):
             times = [0.0, 0.0]

@@ -84,11 +84,11 @@ def _interval(verdict: gate.Verdict) -> tuple[float, float, float]:
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
 def test_a_against_a_centres_on_one_despite_process_layout(seed: int) -> None:
-    """Identical code passes, its interval around 1.0, though processes differ by 8% and more."""
+    """Identical code passes and reads within 3% of 1.0, though processes differ by 8% and more."""
     verdict, spawner = _ab(1.0, seed=seed)
     assert verdict.code == gate.PASS, verdict.summary
-    estimate, low, high = _interval(verdict)
-    assert low <= 1.0 <= high and abs(estimate - 1.0) < 0.04, verdict.summary
+    estimate, _, high = _interval(verdict)
+    assert abs(estimate - 1.0) < 0.03 and high < 1 / 0.95, verdict.summary
     layouts = [worker.cost_ns / 250_000.0 for _, _, worker in spawner.started]
     assert max(layouts) / min(layouts) > 1.08  # the doubles really differ per process
 
