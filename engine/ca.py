@@ -172,19 +172,29 @@ class CertificationAuthority:
         if self.approvals is not None:
             notify("pending-approval")
             await self.approvals.review(device_id)
-        # Serials stay unique through the directory's unique serial, not a set kept here
-        # (RFC 5280 4.1.2.2): a serial it already holds is drawn again, inline (no extra
-        # coroutine on the hot path); a duplicate on the last draw fails the enrollment.
         issued = self.issue(request, user)
-        for _ in range(_SERIAL_DRAWS - 1):
-            try:  # a try block costs nothing on the path that does not raise (CPython 3.11)
-                await self.directory.publish(issued.dn, issued.serial, issued.certificate)
-                break
-            except DuplicateSerialError:
-                issued = self.issue(request, user)
-        else:
+        try:  # a try block costs nothing on the path that does not raise (CPython 3.11)
             await self.directory.publish(issued.dn, issued.serial, issued.certificate)
+        except DuplicateSerialError:
+            issued = await self._redraw(request, user)
         notify("issued")
+        return issued
+
+    async def _redraw(self, request: ParsedRequest, user: User) -> Issued:
+        """Issue under fresh serials until the directory takes one (RFC 5280 4.1.2.2).
+
+        Serials stay unique through the directory's unique serial, not a set kept in this
+        process. A duplicate on the last draw fails the enrollment.
+        """
+        for _ in range(_SERIAL_DRAWS - 2):
+            issued = self.issue(request, user)
+            try:
+                await self.directory.publish(issued.dn, issued.serial, issued.certificate)
+            except DuplicateSerialError:
+                continue
+            return issued
+        issued = self.issue(request, user)
+        await self.directory.publish(issued.dn, issued.serial, issued.certificate)
         return issued
 
     async def fetch_chain(self) -> bytes:
@@ -213,9 +223,11 @@ class CertificationAuthority:
         if entry is None:
             return
         names = general_name_elements(entry[1])
-        if not names:
+        count = len(names)
+        if not count:
             raise EmptySanError(f"the subjectAltName requested for {user.user_id!r} is empty")
-        if len(set(names)) != len(names):
+        # Two names (e-mail and UPN) is the usual request: one comparison, not a set (~100 ns).
+        if (names[0] == names[1]) if count == 2 else (count > 2 and len(set(names)) != count):
             raise DuplicateSanError(
                 f"the subjectAltName requested for {user.user_id!r} lists a name twice"
             )
