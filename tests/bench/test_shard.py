@@ -129,9 +129,7 @@ def test_closed_loop_obeys_littles_law(concurrency: int, workers: int) -> None:
     )
     latency = result["latency"]["end_to_end"]
     throughput = result["throughput"]["issued_per_s"]
-    assert latency["latency"]["mean_us"] == pytest.approx(
-        concurrency / throughput * 1e6, rel=0.10
-    )
+    assert latency["latency"]["mean_us"] == pytest.approx(concurrency / throughput * 1e6, rel=0.10)
     # S as this run saw it (a busy host stretches a CPU millisecond), then max(S, N*S/shards)
     service_us = latency["service"]["mean_us"]
     expected_us = max(1.0, concurrency / workers) * service_us
