@@ -100,8 +100,8 @@ def summary_line(result: Mapping[str, Any], out: Path) -> str:
 
 
 def _timer_note(generator: Mapping[str, Any]) -> str:
-    """The open-loop generator's own lateness (schema 2: timer_error; null in a closed loop)."""
-    timer = generator.get("timer_error", generator.get("schedule_lag"))
+    """The open-loop generator's own lateness (timer_error; null in a closed loop)."""
+    timer = generator["timer_error"]
     if not timer:
         return "timer error n/a (closed loop)"
     return f"timer error p99 {timer.get('p99_us', 0) / 1000:.3f} ms"
@@ -132,7 +132,8 @@ def print_summary(result: Mapping[str, Any], out: Path, *, quiet: bool, note: st
         console.print(f"[bold red]generator-bound:[/] {'; '.join(generator['reasons'])}")
     timing = result["timing"]
     console.print(
-        f"generator CPU share {generator['generator_cpu_share']:.1%}, {_timer_note(generator)}; "
+        f"generator CPU {generator['generator_core_share']:.1%} of each shard's core "
+        f"({generator['generator_cpu_share']:.1%} of the shards' CPU), {_timer_note(generator)}; "
         f"start-up {timing['startup_s']:.1f} s, corpus {timing['corpus_s']:.1f} s"
     )
     if note:

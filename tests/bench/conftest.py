@@ -94,6 +94,7 @@ def synthetic_result(
         },
         "generator": {
             "generator_cpu_share": 0.02,
+            "generator_core_share": 0.01,
             "timer_error": None,
             "generator_bound": generator_bound,
             "reasons": ["timer error p99 2.0 ms"] if generator_bound else [],
@@ -206,7 +207,13 @@ def measured_result(
         },
         "latency": {"end_to_end": {"latency": summary, "service": summary}, "steps": steps},
         "cache": {"hits": issued, "misses": 1, "fetches": 1, "joined": 0},
-        "generator": {"generator_cpu_share": 0.05, "generator_bound": False, "reasons": []},
+        "generator": {
+            "generator_cpu_share": 0.05,
+            "generator_core_share": 0.04,
+            "timer_error": None,
+            "generator_bound": False,
+            "reasons": [],
+        },
         "memory": {"peak_rss_mb_all_processes": 100.0},
         "histograms": histograms,
     }

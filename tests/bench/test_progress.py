@@ -32,7 +32,7 @@ def test_full_summary_has_every_step(
     out = capsys.readouterr().out
     for step in result["latency"]["steps"]:
         assert step in out
-    assert "generator CPU share" in out
+    assert "of each shard's core" in out
 
 
 def test_summary_line_leads_with_issued_per_second(capsys: pytest.CaptureFixture[str]) -> None:
