@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from engine.auth import Verifier
-from engine.errors import AuthenticationError, CertificateNotFoundError, UnknownUserError
+from engine.errors import (
+    AuthenticationError,
+    CertificateNotFoundError,
+    DuplicateSerialError,
+    UnknownUserError,
+)
 from engine.identity import DistinguishedName, User
 
 _SCHEMA = """
@@ -193,12 +198,21 @@ class SqliteDirectory(SqliteUsers):
     """The directory: user entries plus published certificates."""
 
     async def publish(self, dn: str, serial: int, certificate: bytes) -> None:
+        """Stage the certificate; a serial already published (or staged) is refused at once,
+        so a duplicate never reaches the group commit and rolls back other devices' rows."""
+        key = serial.to_bytes(16, "big")
+        staged = self._db.staged
+        if ("serial", serial) in staged or self._db.read_one(
+            "SELECT 1 FROM published WHERE serial = ?", (key,)
+        ):
+            raise DuplicateSerialError(serial)
         self._db.write(
             "INSERT INTO published VALUES (?, ?, ?)",
-            (serial.to_bytes(16, "big"), dn, certificate),
+            (key, dn, certificate),
             ("published", dn, serial),
             certificate,
         )
+        staged["serial", serial] = True
 
     async def retrieve(self, dn: str, serial: int) -> bytes:
         staged: bytes | None = self._db.staged.get(("published", dn, serial))

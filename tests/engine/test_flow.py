@@ -83,8 +83,8 @@ def _assert_isolated(outcomes: list[Outcome], bad: Outcome) -> None:
 @pytest.mark.parametrize(
     ("mutate", "status", "reason", "error"),
     [
-        ("truncated", Status.FAILED, "malformed-der", "MalformedDerError"),
-        ("garbage", Status.FAILED, "malformed-der", "MalformedDerError"),
+        ("truncated", Status.FAILED, "malformed-request", "MalformedRequestError"),
+        ("garbage", Status.FAILED, "malformed-request", "MalformedRequestError"),
         ("bad-signature", Status.REJECTED, "bad-signature", "SignatureInvalidError"),
         ("unsupported-curve", Status.REJECTED, "unsupported-key", "UnsupportedKeyError"),
         ("rsa1024", Status.REJECTED, "weak-key", "WeakKeyError"),

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import AuthenticationError, CertificateNotFoundError, UnknownUserError
+from engine.errors import (
+    AuthenticationError,
+    CertificateNotFoundError,
+    DuplicateSerialError,
+    UnknownUserError,
+)
 from engine.population import directory_entry, simulated_enrollee
 from engine.stores import Database, SqliteConfigurationDatabase, SqliteDirectory
 
@@ -63,3 +68,18 @@ def test_entry_cache_is_bounded_and_keeps_recent_entries() -> None:
     for enrollee in enrollees:
         assert asyncio.run(directory.lookup_user(enrollee.user.user_id)) == enrollee.user
     assert list(directory._entries) == [e.user.user_id for e in enrollees[2:]]
+
+
+@pytest.mark.parametrize("flushed", [False, True])
+def test_a_published_serial_is_refused_again(flushed: bool) -> None:
+    """A second certificate with a serial already published (staged or flushed) is refused,
+    whatever its DN, and the first one stays retrievable."""
+    database = Database()
+    directory = SqliteDirectory(database)
+    asyncio.run(directory.publish("CN=a", 5, b"first"))
+    if flushed:
+        database.flush()
+    with pytest.raises(DuplicateSerialError):
+        asyncio.run(directory.publish("CN=b", 5, b"second"))
+    database.flush()
+    assert asyncio.run(directory.retrieve("CN=a", 5)) == b"first"
