@@ -274,10 +274,10 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     },
     "storage": {
         "database": Rule(
-            "memory",
-            "memory, file",
-            _choice("memory", "file"),
-            "each shard's SQLite: in memory, or a file in a temporary folder",
+            "file",
+            "file, memory",
+            _choice("file", "memory"),
+            "each shard's SQLite: a file in a temporary folder (memory stays flat), or in memory",
         ),
     },
 }
