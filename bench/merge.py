@@ -200,7 +200,10 @@ def build_result(profile: Profile, workers: int, output: RunOutput) -> dict[str,
             for key in ("hits", "misses", "fetches", "joined")
         },
         "generator": _generator_block(profile, shards, histograms),
-        "memory": {"peak_rss_mb_all_processes": round(output.peak_rss_bytes / 2**20, 1)},
+        "memory": {
+            "peak_rss_mb_all_processes": round(output.peak_rss_bytes / 2**20, 1),
+            "rss_mb_per_second": [round(b / 2**20, 1) for b in output.rss_per_second],
+        },
         "histograms": {name: h.encode() for name, h in histograms.items()},
     }
 

@@ -54,6 +54,7 @@ class RunOutput:
     interrupted: bool
     material: CAMaterial
     peak_rss_bytes: int
+    rss_per_second: list[int]  # bytes, all processes, sampled about once a second
     started_at: str  # UTC, ISO 8601: when the measured run began
 
 
@@ -135,6 +136,8 @@ class _Fleet:
         self.processes: dict[int, BaseProcess] = {}
         self.devices = {plan.index: len(plan.device_indices) for plan in plans}
         self.peak_rss = 0
+        self.rss_per_second: list[int] = []
+        self._next_sample = 0.0
         for plan in plans:
             parent, child = context.Pipe()
             process = context.Process(
@@ -213,7 +216,11 @@ class _Fleet:
                 if self.channels[index].poll(0):
                     continue  # its result is still in the pipe
                 died[index] = self._lost_devices(index, snapshots)
-        self.peak_rss = max(self.peak_rss, self._resident_bytes())
+        resident = self._resident_bytes()
+        self.peak_rss = max(self.peak_rss, resident)
+        if time.monotonic() >= self._next_sample:
+            self.rss_per_second.append(resident)
+            self._next_sample = time.monotonic() + 1.0
         if progress is not None:
             progress(snapshots)
 
@@ -276,7 +283,16 @@ def execute(
             board.close()
     # The peak is sampled while the shards run, a few times a second.
     timings = {"corpus_s": corpus_s, "startup_s": startup_s}
-    return RunOutput(shards, died, timings, interrupted, material, fleet.peak_rss, started_at)
+    return RunOutput(
+        shards,
+        died,
+        timings,
+        interrupted,
+        material,
+        fleet.peak_rss,
+        fleet.rss_per_second,
+        started_at,
+    )
 
 
 def write_artifacts(folder: Path, material: CAMaterial, shards: Sequence[ShardResult]) -> int:
