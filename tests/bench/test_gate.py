@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -147,3 +148,22 @@ def test_overall_prefers_regression_then_inconclusive() -> None:
     verdicts = [gate.Verdict("a", gate.PASS, ""), gate.Verdict("b", gate.INCONCLUSIVE, "")]
     assert gate.overall(verdicts) == gate.INCONCLUSIVE
     assert gate.overall([*verdicts, gate.Verdict("c", gate.REGRESSION, "")]) == gate.REGRESSION
+
+
+def test_prepare_builds_each_trees_c_path_and_the_workload_uses_it(tmp_path: Path) -> None:
+    """The tree's own C DER module is built (from a scratch folder, so the tree's pyproject
+    cannot stop it) and is the one its workload reports."""
+    require_tool("gcc")
+    tree = tmp_path / "tree"
+    shutil.copytree(
+        ROOT / "engine", tree / "engine", ignore=shutil.ignore_patterns("*.so", "__pycache__")
+    )
+    shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
+    gate.prepare(tree)
+    assert list((tree / "engine").glob("_derc*.so"))
+    worker = gate._Worker(tree, None)
+    try:
+        measured = worker.environment
+    finally:
+        worker.close()
+    assert measured.der == "c"
