@@ -28,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -577,6 +578,21 @@ def overall(verdicts: Sequence[Verdict]) -> int:
 # ---- the command ----
 
 
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (a cancelled CI job) exits through the `finally`s: workers closed, the baseline
+    worktree removed, instead of left registered in the repository."""
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`enrollbench gate` flags."""
     parser.add_argument("--baseline", default="HEAD", help="git ref to compare against")
@@ -608,7 +624,7 @@ def command(args: argparse.Namespace) -> int:
     code_layers = [layer for layer in layers if layer != "stored"]
     if code_layers:
         current = repository_root(args.current or Path.cwd())
-        with worktree(current, args.baseline) as baseline:
+        with _terminate_as_exit(), worktree(current, args.baseline) as baseline:
             for tree in (baseline, current):
                 prepare(tree)
             if "instructions" in code_layers:

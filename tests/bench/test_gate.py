@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from bench import gate, gate_driver
 from bench.errors import UsageError
 from bench.suite import parse_rule
 from engine.flow import Outcome, Status, Step
-from tests.bench.conftest import measured_result, run_cli
+from tests.bench.conftest import CLI, measured_result, run_cli
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,3 +169,35 @@ def test_prepare_builds_each_trees_c_path_and_the_workload_uses_it(tmp_path: Pat
     finally:
         worker.close()
     assert measured.der == "c"
+
+
+def _worktrees(repository: Path) -> list[str]:
+    listed = subprocess.run(
+        ["git", "-C", str(repository), "worktree", "list", "--porcelain"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [line for line in listed.stdout.splitlines() if line.startswith("worktree ")]
+
+
+def test_a_terminated_gate_removes_its_baseline_worktree(clone: Path) -> None:
+    """SIGTERM (a cancelled CI job) exits through cleanup: no baseline worktree is left behind."""
+    gate_process = subprocess.Popen(
+        [*CLI, "gate", "--baseline", "HEAD", "--current", str(clone), "--layers", "ab"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(600):  # until the baseline worktree exists (at most a minute)
+            if len(_worktrees(clone)) == 2:
+                break
+            time.sleep(0.1)
+        assert len(_worktrees(clone)) == 2
+        gate_process.send_signal(signal.SIGTERM)
+        assert gate_process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        gate_process.kill()
+        gate_process.communicate()
+    assert _worktrees(clone) == [f"worktree {clone}"]
