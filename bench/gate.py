@@ -2,7 +2,7 @@
 
 1. instructions: the per-enrollment instruction count of a fixed, seeded workload
    (`bench/gate_driver.py`) under valgrind (cachegrind, no cache simulation, fixed hash seed),
-   baseline ref against the current tree. Deterministic: repeated counts agree to ~0.001%.
+   baseline ref against the current tree. Repeatable: A/A counts here differ by up to 0.02%.
 2. ab: the same workload on the wall clock, in rounds: each round starts a fresh baseline and
    current process pinned to one CPU, warms both equally, then times short blocks of each in
    random order; a round gives the median of its paired ratios. The verdict comes from a
