@@ -46,21 +46,23 @@ PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}
 STEP_TABLE_PERCENTILES = ("p50", "p99")  # the default table; any pNN can be asked for
 FAMILY_ALPHA = 0.05  # chance that an A/A comparison shows any row outside noise
 # One run's spread: the standard deviation of log(value) between repeated 5 s
-# `enrollbench run p256-auto --duration 5` runs of identical code on this machine kind (2 vCPUs
-# shared with other work), per row kind; 10 runs at 2b33313 and 10 at 601ad34 (2026-11-30),
-# pooled over steps of 10 µs or more, rounded up. Sequential runs on a shared machine differ by
-# this much (shards got 13-92% of a core): results/README.md "How compare decides".
+# `enrollbench run p256-auto --duration 5` runs of identical code on this machine kind (2 vCPUs,
+# nothing else running), per row kind: 10 runs at ae0e1a7 (2026-11-30), pooled over steps of
+# 10 µs or more, rounded up (step p99 and p99.9 from the larger of two sets of 10). On a host
+# shared with other work runs differ far more (measured under load: rate 0.48, step p99 0.88);
+# compare warns when a run's per-second series is unsteady. results/README.md "How compare
+# decides".
 NOISE = {
-    "rate": 0.48,
+    "rate": 0.10,
     "share": 0.0,  # the issued share is a count: its binomial error is computed per run
-    "end_to_end.p50": 0.45,
-    "end_to_end.p90": 0.40,
-    "end_to_end.p99": 0.35,
-    "end_to_end.p99.9": 0.35,
-    "step.p50": 0.22,
-    "step.p90": 0.24,
-    "step.p99": 0.88,
-    "step.p99.9": 1.20,
+    "end_to_end.p50": 0.14,
+    "end_to_end.p90": 0.11,
+    "end_to_end.p99": 0.12,
+    "end_to_end.p99.9": 0.12,
+    "step.p50": 0.16,
+    "step.p90": 0.12,
+    "step.p99": 0.23,
+    "step.p99.9": 0.20,
 }
 # The smallest change worth a verdict, as a fraction of the baseline.
 MIN_EFFECT = {
