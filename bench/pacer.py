@@ -3,17 +3,14 @@
 libuv (and so uvloop) keeps timers in whole milliseconds, and epoll's timeout is in milliseconds
 too: an `asyncio.sleep` wakes up to ~1.6 ms late on an idle shard, and that lateness would pass
 as CA latency. On Linux a `timerfd` armed at an absolute CLOCK_MONOTONIC instant (the clock
-behind `time.perf_counter_ns`) becomes readable within microseconds of it; the event loop watches
-the descriptor like any socket, so waiting costs no CPU and needs no spinning. Elsewhere the
+behind `time.perf_counter_ns`) becomes readable at it; the event loop watches the descriptor
+like any socket, so waiting costs no CPU. Waking an idle vCPU still takes ~80 µs on this machine
+kind, so the shard arms it a little early and spins the rest, within a CPU budget. Elsewhere the
 pacer falls back to `asyncio.sleep` and the larger error shows in the result.
 
-Timer error is told apart from queueing behind the CA's work by CPU time. While the generator
-waits, whatever CPU this thread uses goes to other callbacks (the CA's work, in an embedded run);
-an arrival delayed by that work is real queueing. The part of an arrival's lateness that CPU
-work cannot explain (lateness minus the thread's CPU time during the wait) was spent off the
-CPU: the timer, or the OS running something else. That part is the generator's own error. It
-is a lower bound (CPU work done before the intended instant also counts against it), exact on
-an idle shard, where the question matters most.
+The shard tells the generator's own error apart from queueing behind the CA's work: it knows
+when the engine's coroutines ran (bench.shard), and lateness outside those spans is the timer's,
+the event loop's, the generator's or the OS's.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ import ctypes.util
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 _CLOCK_MONOTONIC = 1
 _TFD_NONBLOCK = os.O_NONBLOCK
@@ -40,14 +36,6 @@ class _Timespec(ctypes.Structure):
 
 class _Itimerspec(ctypes.Structure):
     _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
-
-
-@dataclass(frozen=True, slots=True)
-class Wake:
-    """When the generator ran again, and how much of its lateness it was off the CPU."""
-
-    now: int  # perf_counter_ns at wake-up
-    cpu_ns: int  # this thread's CPU time while it waited (other callbacks' work)
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -86,15 +74,22 @@ class Pacer:
         """True when waits use a timerfd (microsecond wake-ups), False on the fallback."""
         return self._fd >= 0
 
-    async def until(self, instant: int) -> Wake:
-        """Wait until `instant` (ns on the perf_counter clock); report the wake-up."""
-        cpu0 = time.thread_time_ns()
-        if instant > time.perf_counter_ns():
+    async def until(self, instant: int, spin_ns: int = 0) -> int:
+        """Wait until `instant` (ns on the perf_counter clock); return when it woke.
+
+        With `spin_ns`, the timer is armed that much early and the rest is spun, handing the
+        loop back between checks (other callbacks run; none is held up): waking a sleeping
+        vCPU costs tens of microseconds here, a check costs a few. The spin is generator CPU.
+        """
+        clock = time.perf_counter_ns
+        if instant - spin_ns > clock():
             if self._fd >= 0:
-                await self._wait_fd(instant)
+                await self._wait_fd(instant - spin_ns)
             else:
-                await asyncio.sleep((instant - time.perf_counter_ns()) / 1e9)
-        return Wake(time.perf_counter_ns(), time.thread_time_ns() - cpu0)
+                await asyncio.sleep((instant - spin_ns - clock()) / 1e9)
+        while clock() < instant:
+            await asyncio.sleep(0)
+        return clock()
 
     async def _wait_fd(self, instant: int) -> None:
         assert self._libc is not None
@@ -120,9 +115,3 @@ class Pacer:
                 self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._fd = -1
-
-
-def timer_error_ns(intended: int, wake: Wake) -> int:
-    """The generator's own part of an arrival's lateness: what the CPU work done while it
-    waited cannot explain (never negative)."""
-    return max(0, wake.now - intended - wake.cpu_ns)

@@ -11,7 +11,7 @@ import pytest
 from bench.merge import build_result
 from bench.profile import load_profile
 from bench.runner import RunOptions, execute
-from bench.shard import ShardPlan, _Collector, _Times, shard_main
+from bench.shard import ShardPlan, _Collector, _EngineMeter, _Times, shard_main
 from engine.device import DeviceIdentity
 from engine.flow import Outcome, Status, Step
 
@@ -168,11 +168,27 @@ def test_open_loop_queueing_is_latency_not_timer_error() -> None:
     """Arrivals that wait behind the engine's CPU work show it as latency; the generator's
     own timer error stays apart and small."""
     result = _run_double(
-        4_000_000,  # 4 ms of CPU per enrollment at 200/s on one shard: 80% busy, queues form
-        ["load.mode='open'", "load.rate=200", "load.duration=2.0", "load.warmup_seconds=0.5"],
+        4_000_000,  # 4 ms of CPU per enrollment, Poisson at 200/s on one shard: 80% busy
+        [
+            "load.mode='open'",
+            "load.arrival='poisson'",
+            "load.rate=200",
+            "load.duration=3.0",
+            "load.warmup_seconds=0.5",
+        ],
         1,
     )
-    latency = result["latency"]["end_to_end"]["latency"]
+    latency = result["latency"]["end_to_end"]
     error = result["generator"]["timer_error"]
-    assert latency["mean_us"] > 4_500  # waits behind earlier arrivals are in the latency
-    assert error["p50_us"] < latency["p50_us"] / 4
+    # M/D/1 at 80%: the mean wait is 2 service times; waits are in the latency, not the service
+    assert latency["latency"]["mean_us"] > 1.5 * latency["service"]["mean_us"]
+    assert error["p90_us"] < latency["latency"]["p50_us"] / 10
+
+
+def test_engine_busy_time_is_counted_only_after_the_instant() -> None:
+    """Queueing is the engine's wall time within [intended, woke]; the rest is timer error."""
+    meter = _EngineMeter()
+    meter.spans.extend([(0, 400), (500, 900), (950, 1_200)])
+    assert meter.busy_between(600, 1_000) == 300 + 50  # the end of one span, part of the next
+    assert meter.busy_between(1_200, 1_500) == 0  # nothing ran: all lateness is the timer's
+    assert meter.busy_between(0, 2_000) == 400 + 400 + 250
