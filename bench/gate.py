@@ -90,15 +90,17 @@ def worktree(repository: Path, ref: str) -> Iterator[Path]:
     if _git(repository, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}").returncode != 0:
         raise UsageError(f"git ref {ref!r} does not exist in {repository}")
     folder = Path(tempfile.mkdtemp(prefix="enrollbench-baseline-"))
-    added = _git(repository, "worktree", "add", "--detach", str(folder), ref)
-    if added.returncode != 0:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise UsageError(f"cannot check out {ref!r}: {added.stderr.strip()}")
+    # The add is inside the `try`: a SIGTERM that lands while git registers the worktree still
+    # removes it (removing one that was never added is a harmless git error).
     try:
+        added = _git(repository, "worktree", "add", "--detach", str(folder), ref)
+        if added.returncode != 0:
+            raise UsageError(f"cannot check out {ref!r}: {added.stderr.strip()}")
         yield folder
     finally:
         _git(repository, "worktree", "remove", "--force", str(folder))
         shutil.rmtree(folder, ignore_errors=True)
+        _git(repository, "worktree", "prune")  # a half-added worktree whose folder is gone
 
 
 def prepare(tree: Path) -> None:

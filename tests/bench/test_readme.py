@@ -85,5 +85,5 @@ def test_workflow_commands_run(tmp_path: Path) -> None:
         # The A/A gate may be inconclusive on a noisy host (exit 3), never a regression.
         allowed = (0, 3) if " gate --baseline" in concrete else (0,)
         assert done.returncode in allowed, (concrete, done.stdout, done.stderr)
-    assert "| throughput |" in summary.read_text()
+    assert "| issued |" in summary.read_text()
     assert (clone / "results" / "pr" / "benchmark.json").exists()
