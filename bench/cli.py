@@ -18,18 +18,19 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import capacity, compare, export, gate, report
 from bench.errors import AccountingError, BenchError, UsageError
-from bench.merge import build_result
+from bench.judge import compare, export, gate, report
 from bench.profile import load_profile, shipped_profiles
-from bench.progress import LiveProgress, print_summary
 from bench.results import (
     SCHEMA_VERSION,
     check_accounting,
     check_writable,
     write_result,
 )
-from bench.runner import RunOptions, execute, resolve_workers, write_artifacts
+from bench.run import capacity
+from bench.run.merge import build_result
+from bench.run.progress import LiveProgress, print_summary
+from bench.run.runner import RunOptions, execute, resolve_workers, write_artifacts
 from bench.suite import load_suite
 
 

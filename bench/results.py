@@ -1,6 +1,6 @@
 """Result files: the schema version, atomic writing, reading with a schema check.
 
-The format is documented in results/README.md; `bench.merge` builds run documents. Readers
+The format is documented in results/README.md; `bench.run.merge` builds run documents. Readers
 (`compare`, `gate`, `report`, `export`) need only this module: they never touch the engine.
 `read_result` is the one edge where a file is checked: after it, readers trust the structure
 (every key they use is there with its type, every histogram decodes), so bad input is one

@@ -11,7 +11,7 @@ A rule says how far a metric may move the wrong way before the gate calls it a r
 `throughput:-5%` fails when throughput drops more than 5%, `p99:+10%` when p99 grows more than
 10%. Metrics: throughput (enrollments/s), issued (issued certificates/s, the headline), p50, p90,
 p99, p99.9 (end to end), `<step>.pNN` (one step of the flow by its label, e.g. issue.p99),
-instructions (per enrollment). Which gate layer judges which metric: bench.gate.layers_of.
+instructions (per enrollment). Which gate layer judges which metric: bench.judge.gate.layers_of.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.workloads import CaWorkload
+from bench.microbench.workloads import CaWorkload
 
 
 @pytest.fixture(scope="session")

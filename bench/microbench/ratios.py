@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from bench.paired import PairedTiming, time_paired
-from bench.workloads import CaWorkload
+from bench.judge.paired import PairedTiming, time_paired
+from bench.microbench.workloads import CaWorkload
 
 
 @dataclass(frozen=True, slots=True)

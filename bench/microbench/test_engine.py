@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bench.workloads import CaWorkload
+from bench.microbench.workloads import CaWorkload
 
 pytestmark = pytest.mark.benchmark(min_rounds=200, warmup=True)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from bench.cli import check_outcomes
-from bench.corpus import load_keys
 from bench.errors import AccountingError
 from bench.results import SCHEMA_VERSION, read_result
+from bench.run.corpus import load_keys
 from tests.bench.conftest import CLI, ROOT, run_cli, synthetic_result
 
 

@@ -269,7 +269,7 @@ def test_a_broken_histogram_is_named(
     tmp_path: Path, result_factory: Callable[..., dict[str, Any]], data: st.DataObject
 ) -> None:
     """A corrupted histogram string is a ResultError naming it, or still a usable histogram."""
-    from bench.compare import compare_pair  # noqa: PLC0415 (the reader that decodes most)
+    from bench.judge.compare import compare_pair  # noqa: PLC0415 (the reader that decodes most)
 
     name = data.draw(st.sampled_from(sorted(VALID["histograms"])))
     document = copy.deepcopy(VALID)

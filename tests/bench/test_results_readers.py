@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench import report
-from bench.compare import compare_pair, unsteady
 from bench.errors import ResultError
-from bench.export import to_pytest_benchmark
+from bench.judge import report
+from bench.judge.compare import compare_pair, unsteady
+from bench.judge.export import to_pytest_benchmark
 from bench.results import read_result
 from tests.bench.conftest import measured_result, run_cli
 

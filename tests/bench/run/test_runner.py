@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from bench.merge import build_result
 from bench.profile import load_profile
 from bench.results import check_accounting
-from bench.runner import RunOptions, execute, write_artifacts
-from bench.shard import ShardPlan, shard_main
+from bench.run.merge import build_result
+from bench.run.runner import RunOptions, execute, write_artifacts
+from bench.run.shard import ShardPlan, shard_main
 from tests.conftest import require_tool
 
 

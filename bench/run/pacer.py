@@ -9,7 +9,7 @@ kind, so the shard arms it a little early and spins the rest, within a CPU budge
 pacer falls back to `asyncio.sleep` and the larger error shows in the result.
 
 The shard tells the generator's own error apart from queueing behind the CA's work: it knows
-when the engine's coroutines ran (bench.shard), and lateness outside those spans is the timer's,
+when the engine's coroutines ran (bench.run.shard), and lateness outside those spans is the timer's,
 the event loop's, the generator's or the OS's.
 """
 

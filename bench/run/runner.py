@@ -20,10 +20,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from bench.corpus import CorpusSpec, build_corpus, load_keys
 from bench.errors import BenchError
 from bench.profile import Profile
-from bench.shard import ShardPlan, ShardResult, shard_main
+from bench.run.corpus import CorpusSpec, build_corpus, load_keys
+from bench.run.shard import ShardPlan, ShardResult, shard_main
 from engine.approval import ReviewBoard
 from engine.keys import load_private_key
 from engine.system import CAMaterial

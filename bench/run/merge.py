@@ -23,8 +23,8 @@ from cryptography.hazmat.backends.openssl.backend import backend as openssl_back
 from bench.histogram import Histogram, merged
 from bench.profile import Profile
 from bench.results import SCHEMA_VERSION
-from bench.runner import RunOutput
-from bench.shard import STEPS, ShardResult
+from bench.run.runner import RunOutput
+from bench.run.shard import STEPS, ShardResult
 from engine import _der
 from engine.flow import Step
 
@@ -48,7 +48,7 @@ def _cpu_model() -> str:
 
 def _git(*args: str) -> str | None:
     """Ask git about the source tree enrollbench runs from (None outside a checkout)."""
-    source = Path(__file__).resolve().parent.parent
+    source = Path(__file__).resolve().parents[2]
     try:
         done = subprocess.run(  # noqa: S603 (fixed arguments, no user input)
             ["git", "-C", str(source), *args],  # noqa: S607 (git from PATH)

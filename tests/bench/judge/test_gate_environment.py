@@ -13,10 +13,10 @@ from pathlib import Path
 import cryptography
 import pytest
 
-from bench import gate
 from bench.errors import UsageError
+from bench.judge import gate
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 FAKE_VALGRIND = """#!/bin/sh
 # Stands in for valgrind: drops its own options, runs the command, reports a fixed count.
 while [ "${1#--}" != "$1" ]; do shift; done
@@ -26,7 +26,7 @@ echo "==1== I refs:      1,000" >&2
 exit $status
 """
 REPORT = (
-    "import json, sys; from pathlib import Path; from bench import gate;"
+    "import json, sys; from pathlib import Path; from bench.judge import gate;"
     "_, measured = gate.measure_instructions(Path(sys.argv[1]));"
     "print(json.dumps([sys.prefix, measured.prefix, measured.cryptography, measured.engine]))"
 )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import gate
+from bench.judge import gate
 
 BASELINE, CURRENT = Path("/trees/baseline"), Path("/trees/current")
 ENVIRONMENT = gate.Environment("3.11.7", sys.prefix, "50.0.2", "OpenSSL 3", "/e", "c")

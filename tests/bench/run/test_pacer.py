@@ -9,7 +9,7 @@ import time
 import pytest
 import uvloop
 
-from bench.pacer import Pacer
+from bench.run.pacer import Pacer
 
 
 @pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop])

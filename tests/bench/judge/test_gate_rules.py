@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from bench import gate
 from bench.errors import UsageError
+from bench.judge import gate
 from bench.suite import parse_rule
 from tests.bench.conftest import measured_result, run_cli
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from bench import capacity
 from bench.errors import UsageError
 from bench.profile import load_profile
+from bench.run import capacity
 from tests.bench.conftest import synthetic_result
 
 

@@ -26,12 +26,12 @@ from typing import Any, Protocol, cast
 import numpy as np
 import numpy.typing as npt
 
-from bench.corpus import CorpusSpec, read_corpus
 from bench.histogram import Histogram
-from bench.pacer import Pacer
+from bench.microbench.workloads import run_ready
 from bench.profile import Profile
-from bench.schedule import arrival_offsets, arrivals_until, arrivals_within
-from bench.workloads import run_ready
+from bench.run.corpus import CorpusSpec, read_corpus
+from bench.run.pacer import Pacer
+from bench.run.schedule import arrival_offsets, arrivals_until, arrivals_within
 from engine.approval import ReviewBoard
 from engine.device import DeviceIdentity
 from engine.flow import Outcome, Status, Step

@@ -4,7 +4,7 @@ For each device, with the engine's own stores (the same SQLite directory and con
 database): authenticate the user, look up the DN, load the request and verify its signature,
 check the subject, record the key, build and sign the certificate with `CertificateBuilder`,
 publish it, retrieve it, load it back and compare its public key with the recorded one.
-`python -m bench.naive` runs it side by side with `enrollbench run` on the same profile, in
+`python -m bench.run.naive` runs it side by side with `enrollbench run` on the same profile, in
 alternating rounds, and reports the ratio of each round (DESIGN.md: compare in one run).
 """
 
@@ -23,12 +23,12 @@ from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 from rich.table import Table
 
-from bench.corpus import build_corpus, read_corpus
 from bench.errors import UsageError
-from bench.merge import build_result
+from bench.microbench.workloads import run_ready
 from bench.profile import Profile, load_profile
-from bench.runner import RunOptions, ca_material, corpus_spec, execute, resolve_workers
-from bench.workloads import run_ready
+from bench.run.corpus import build_corpus, read_corpus
+from bench.run.merge import build_result
+from bench.run.runner import RunOptions, ca_material, corpus_spec, execute, resolve_workers
 from engine.certificate import build_certificate_with_builder
 from engine.keys import Signer, key_spec
 from engine.population import directory_entry, simulated_enrollee
@@ -103,7 +103,7 @@ def run_rate(profile: Profile, workers: int) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.naive", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.run.naive", description=__doc__)
     parser.add_argument("--profile", default="p256-auto")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bench.naive import NaiveServer, naive_rate
 from bench.profile import load_profile
+from bench.run.naive import NaiveServer, naive_rate
 
 
 def test_naive_server_issues_and_publishes() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from bench.profile import load_profile
-from bench.progress import LiveProgress, print_summary
 from bench.results import read_result
+from bench.run.progress import LiveProgress, print_summary
 from tests.bench.conftest import synthetic_result
 
 

@@ -56,8 +56,8 @@ class NotIssuedError(RuntimeError):
     """A gate enrollment ended without a certificate: the workload is broken, not fast."""
 
 
-# bench.workloads.run_ready does the same; the driver repeats it on purpose, because it must run
-# against a baseline tree whose bench/ may differ: it imports nothing but the engine.
+# bench.microbench.workloads.run_ready does the same; the driver repeats it on purpose, because it
+# must run against a baseline tree whose bench/ may differ: it imports nothing but the engine.
 def _drive(coroutine: Coroutine[Any, Any, Any]) -> Any:
     try:
         coroutine.send(None)

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench import compare
-from bench.compare import (
+from bench.errors import ResultError, UsageError
+from bench.histogram import Histogram, bucket_upper
+from bench.judge import compare
+from bench.judge.compare import (
     NOISE,
     build,
     compare_groups,
@@ -24,8 +26,6 @@ from bench.compare import (
     manifest_warnings,
     precomputed_steps,
 )
-from bench.errors import ResultError, UsageError
-from bench.histogram import Histogram, bucket_upper
 from tests.bench.conftest import ROOT, run_cli
 
 Factory = Callable[..., dict[str, Any]]
@@ -263,7 +263,7 @@ def test_cli_missing_or_corrupt_files_are_exit_2(tmp_path: Path) -> None:
 def test_readers_never_import_the_engine() -> None:
     """compare, report and export read result files only (DESIGN.md): no engine module loads."""
     code = (
-        "import sys, bench.compare, bench.report, bench.export;"
+        "import sys, bench.judge.compare, bench.judge.report, bench.judge.export;"
         "print([m for m in sys.modules if m == 'engine' or m.startswith('engine.')])"
     )
     done = subprocess.run(

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
 
-from bench.corpus import load_keys
+from bench.run.corpus import load_keys
 from engine.certificate import CertificateTemplate, build_certificate_with_builder
 from engine.identity import User
 from engine.keys import (

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from bench import corpus
 from bench.errors import BenchError
+from bench.run import corpus
 from engine.keys import load_private_key, private_key_to_der
 from engine.population import simulated_enrollee
 from engine.request import parse_request, verify_request

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from bench.merge import build_result
 from bench.profile import load_profile
-from bench.runner import RunOptions, execute
-from bench.shard import ShardPlan, _Collector, _EngineMeter, _Times, shard_main
+from bench.run.merge import build_result
+from bench.run.runner import RunOptions, execute
+from bench.run.shard import ShardPlan, _Collector, _EngineMeter, _Times, shard_main
 from engine.device import DeviceIdentity
 from engine.flow import Outcome, Status, Step
 

@@ -6,7 +6,7 @@ from collections.abc import Generator
 
 import pytest
 
-from bench.workloads import CaWorkload, run_ready
+from bench.microbench.workloads import CaWorkload, run_ready
 
 
 @pytest.fixture(scope="module")

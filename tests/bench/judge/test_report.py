@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from bench import report
 from bench.errors import UsageError
+from bench.judge import report
 from tests.bench.conftest import run_cli
 
 Factory = Callable[..., dict[str, Any]]

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from bench import gate, gate_driver
 from bench.errors import UsageError
+from bench.judge import gate, gate_driver
 from bench.suite import parse_rule
 from engine.flow import Outcome, Status, Step
 from tests.bench.conftest import CLI, measured_result, run_cli
 from tests.conftest import require_tool
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SLOW_ISSUE = """
 
 _original_issue = CertificationAuthority.issue

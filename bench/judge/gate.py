@@ -1,7 +1,7 @@
 """`enrollbench gate`: a CI regression gate with three layers, each usable alone.
 
 1. instructions: the per-enrollment instruction count of a fixed, seeded workload
-   (`bench/gate_driver.py`) under valgrind (cachegrind, no cache simulation, fixed hash seed),
+   (`bench/judge/gate_driver.py`) under valgrind (cachegrind, no cache simulation, fixed hash seed),
    baseline ref against the current tree. Repeatable: A/A counts here differ by up to 0.02%.
 2. ab: the same workload on the wall clock, in rounds: each round starts a fresh baseline and
    current process pinned to one CPU, warms both equally, then times short blocks of each in
@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from bench.compare import compare_pair
 from bench.errors import UsageError
-from bench.paired import Interval, bootstrap_median
+from bench.judge.compare import compare_pair
+from bench.judge.paired import Interval, bootstrap_median
 from bench.results import read_result
 from bench.suite import Rule, load_suite, rules_from
 

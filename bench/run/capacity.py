@@ -20,10 +20,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.errors import UsageError
-from bench.merge import build_result, manifest
 from bench.profile import Profile, validate
 from bench.results import SCHEMA_VERSION
-from bench.runner import RunOptions, execute
+from bench.run.merge import build_result, manifest
+from bench.run.runner import RunOptions, execute
 
 _SLO = re.compile(r"^(p50|p90|p99|p99\.9)=(\d+(?:\.\d+)?)(us|µs|ms|s)$")
 _UNITS = {"us": 1.0, "µs": 1.0, "ms": 1000.0, "s": 1_000_000.0}

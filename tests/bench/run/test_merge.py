@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from bench.histogram import Histogram
-from bench.merge import _expectation, _generator_block, _outcome_block, _rates
 from bench.profile import load_profile
-from bench.shard import ShardResult
+from bench.run.merge import _expectation, _generator_block, _outcome_block, _rates
+from bench.run.shard import ShardResult
 
 
 def _shard(

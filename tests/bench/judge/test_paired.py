@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.paired import bootstrap_median, time_paired
+from bench.judge.paired import bootstrap_median, time_paired
 
 
 def test_bootstrap_interval_brackets_the_median() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench.export import to_pytest_benchmark
+from bench.judge.export import to_pytest_benchmark
 from tests.bench.conftest import run_cli
 
 Factory = Callable[..., dict[str, Any]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.schedule import arrival_offsets, arrivals_until, arrivals_within
+from bench.run.schedule import arrival_offsets, arrivals_until, arrivals_within
 
 
 def test_constant_rate_spaces_arrivals_evenly() -> None:

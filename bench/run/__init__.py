@@ -1,0 +1,1 @@
+"""Running a load: corpus, schedules, shards, the runner, merging, capacity, the naive baseline."""
