@@ -73,7 +73,6 @@ class ShardResult:
     index: int
     outcomes: dict[str, int]
     started: int
-    measured: int
     histograms: dict[str, str]
     completed_per_second: list[int]
     issued_per_second: list[int]
@@ -82,7 +81,6 @@ class ShardResult:
     process_cpu_s: float
     elapsed_s: float
     engine_cpu_s: float
-    offered: int
     window_ns: tuple[int, int]
     completed_in_window: int
     issued_in_window: int
@@ -129,7 +127,6 @@ class _Collector:
         self.histograms: dict[str, Histogram] = {}
         self.completed = np.zeros(0, dtype=np.int64)
         self.issued = np.zeros(0, dtype=np.int64)
-        self.measured = 0
         self.completed_in_window = 0
         self.issued_in_window = 0
         self.last_end = start_ns
@@ -169,7 +166,6 @@ class _Collector:
         self.completed_in_window += int(in_window.sum())
         self.issued_in_window += int((in_window & (status == 0)).sum())
         measured = intended >= self.warmup_end
-        self.measured += int(measured.sum())
         issued = measured & (status == 0)
         self._record("end_to_end.latency", (ends - intended)[issued])
         self._record("end_to_end.service", (ends - started)[issued])
@@ -326,7 +322,6 @@ class Shard:
         self.stop = False
         self.in_flight = 0
         self.started = 0
-        self.offered = 0
         self.samples: list[tuple[str, int]] = []
         self.approval_depth: list[int] = []
         self.engine = _EngineMeter()
@@ -366,7 +361,6 @@ class Shard:
                 n = next(counter)
                 if (limit is not None and n >= limit) or (deadline and intended >= deadline):
                     return
-                self.offered += 1
                 identity = self.identities[n % len(self.identities)]
                 intended = await self.enroll(identity, intended, sink)
                 if hand_back:
@@ -398,7 +392,6 @@ class Shard:
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     n += 1
-                    self.offered += 1
         finally:
             pacer.close()
         if tasks:
@@ -479,7 +472,6 @@ class Shard:
             index=self.plan.index,
             outcomes=dict(sink.outcomes),
             started=self.started,
-            measured=sink.measured,
             histograms={name: h.encode() for name, h in sink.histograms.items()},
             completed_per_second=[int(v) for v in sink.completed],
             issued_per_second=[int(v) for v in sink.issued],
@@ -488,7 +480,6 @@ class Shard:
             process_cpu_s=cpu_s,
             elapsed_s=elapsed_s,
             engine_cpu_s=self.engine.ns / 1e9,
-            offered=self.offered,
             window_ns=sink.window(),
             completed_in_window=sink.completed_in_window,
             issued_in_window=sink.issued_in_window,

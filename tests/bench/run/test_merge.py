@@ -17,14 +17,12 @@ def _shard(
     cpu: float,
     generator: float,
     elapsed: float,
-    offered: int = 0,
     issued: int | None = None,
 ) -> ShardResult:
     return ShardResult(
         index=index,
         outcomes={"issued": measured},
         started=measured,
-        measured=measured,
         histograms={},
         completed_per_second=[],
         issued_per_second=[],
@@ -33,7 +31,6 @@ def _shard(
         process_cpu_s=cpu,
         elapsed_s=elapsed,
         engine_cpu_s=cpu - generator,
-        offered=offered,
         window_ns=(0, int(window_s * 1e9)),
         completed_in_window=measured,
         issued_in_window=measured if issued is None else issued,
@@ -92,7 +89,7 @@ def _latency_histograms(latency_us: int, timer_error_us: int) -> dict[str, Histo
 def test_timer_error_large_against_latency_flags_the_run() -> None:
     """An open-loop run whose timer error is over 10% of the latency it reports is flagged."""
     profile = load_profile("smoke", ["load.mode='open'", "load.rate=10"])
-    shards = [_shard(0, 10, 1, cpu=1.0, generator=0.01, elapsed=1.0, offered=10)]
+    shards = [_shard(0, 10, 1, cpu=1.0, generator=0.01, elapsed=1.0)]
     small = _generator_block(profile, shards, _latency_histograms(1000, 50))
     large = _generator_block(profile, shards, _latency_histograms(1000, 300))
     assert not small["generator_bound"] and small["timer_error"]["p99_us"] == 50
