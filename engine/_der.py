@@ -67,32 +67,31 @@ def encode_oid(dotted: str) -> bytes:
     return encode_tlv(OID, bytes(body))
 
 
-def read_header(data: bytes, offset: int) -> tuple[int, int, int]:
-    """Read the tag and length at `offset`; return (tag, content start, content end)."""
-    size = len(data)
-    if offset + 2 > size:
+def read_header(data: bytes, offset: int, limit: int | None = None) -> tuple[int, int, int]:
+    """Read the tag and length at `offset` of an element that must end by `limit` (the end of
+    `data` when None); return (tag, content start, content end)."""
+    if limit is None:
+        limit = len(data)
+    if limit - offset < 2:
         raise MalformedDerError("truncated element header", offset)
     tag = data[offset]
     if tag & 0x1F == 0x1F:
         raise MalformedDerError("multi-byte tags do not occur in these structures", offset)
-    first = data[offset + 1]
+    length = data[offset + 1]
     start = offset + 2
-    if first < 0x80:
-        length = first
-    else:
-        count = first & 0x7F
+    if length >= 0x80:
+        count = length & 0x7F
         if count == 0 or count > 4:
             raise MalformedDerError("indefinite or oversized length", offset)
-        if start + count > size:
+        if limit - start < count:
             raise MalformedDerError("truncated length", offset)
         length = int.from_bytes(data[start : start + count], "big")
         if length < 0x80 or data[start] == 0:
             raise MalformedDerError("length not in minimal form", offset)
         start += count
-    end = start + length
-    if end > size:
+    if length > limit - start:
         raise MalformedDerError("element runs past the end of its container", offset)
-    return tag, start, end
+    return tag, start, start + length
 
 
 def expect(data: bytes, offset: int, tag: int, limit: int) -> tuple[int, int]:
@@ -188,33 +187,9 @@ _PRINTABLE = frozenset(
 _MAX_DEPTH = 16
 
 
-def strict_header(data: bytes, offset: int, limit: int) -> tuple[int, int, int]:
-    """Read the header at `offset` of an element that must end by `limit`: (tag, start, end)."""
-    if limit - offset < 2:
-        raise MalformedDerError("truncated element header", offset)
-    tag = data[offset]
-    if tag & 0x1F == 0x1F:
-        raise MalformedDerError("multi-byte tags do not occur in these structures", offset)
-    length = data[offset + 1]
-    start = offset + 2
-    if length >= 0x80:
-        count = length & 0x7F
-        if count == 0 or count > 4:
-            raise MalformedDerError("indefinite or oversized length", offset)
-        if limit - start < count:
-            raise MalformedDerError("truncated length", offset)
-        length = int.from_bytes(data[start : start + count], "big")
-        if length < 0x80 or data[start] == 0:
-            raise MalformedDerError("length not in minimal form", offset)
-        start += count
-    if length > limit - start:
-        raise MalformedDerError("element runs past the end of its container", offset)
-    return tag, start, start + length
-
-
 def strict_expect(data: bytes, offset: int, tag: int, limit: int) -> tuple[int, int]:
     """Read an element that must carry `tag` and end by `limit`: (content start, end)."""
-    found, start, end = strict_header(data, offset, limit)
+    found, start, end = read_header(data, offset, limit)
     if found != tag:
         raise MalformedDerError(f"expected tag 0x{tag:02x}, found 0x{found:02x}", offset)
     return start, end
@@ -301,7 +276,7 @@ def check_value(data: bytes, offset: int, limit: int, depth: int = 0) -> int:
     Constructed elements are walked down to 16 levels; DER forbids the constructed form of
     primitive universal types (X.690 10.2).
     """
-    tag, start, end = strict_header(data, offset, limit)
+    tag, start, end = read_header(data, offset, limit)
     if tag & 0x20:
         if tag & 0xC0 == 0 and tag not in (SEQUENCE, SET):
             raise MalformedDerError("constructed encoding of a primitive type", offset)
