@@ -183,3 +183,52 @@ class ChainFetchError(FailedError):
     """The CA chain could not be fetched for a profile."""
 
     reason = "chain-fetch-failed"
+
+
+class WireError(FailedError):
+    """A target over the wire did not give a usable answer; the subclass says how."""
+
+    reason = "wire-error"
+
+
+class TargetUnavailableError(WireError):
+    """The connection to the target was refused or could not be made."""
+
+    reason = "target-unavailable"
+
+
+class TargetTimeoutError(WireError):
+    """The target did not answer in time (connect, TLS handshake, or the answer)."""
+
+    reason = "target-timeout"
+
+
+class ConnectionLostError(WireError):
+    """The target closed or reset the connection before its answer was complete."""
+
+    reason = "connection-lost"
+
+
+class MalformedAnswerError(WireError):
+    """The target's answer is not valid HTTP or not the protocol's message."""
+
+    reason = "malformed-answer"
+
+
+class HttpStatusError(WireError):
+    """The target answered with an HTTP status the protocol does not expect."""
+
+    reason = "http-status"
+
+    def __init__(self, status: int, what: str) -> None:
+        super().__init__(f"{what}: HTTP status {status}")
+        self.status = status
+
+
+class ProtocolRefusedError(RejectedError):
+    """The target's protocol answer refused the enrollment (EST 4xx, SCEP FAILURE)."""
+
+    reason = "refused-by-target"
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
