@@ -1,0 +1,366 @@
+"""The server side of the flow as one CA service, its state shared by every worker process.
+
+`enrollbench serve` runs N worker processes; each holds a `SharedCAService` on the same SQLite
+file (WAL mode) in the state folder. So there is one serial space (the published certificates'
+PRIMARY KEY), one store of transactions (a poll served by another worker finds its
+transaction), one directory and one approval queue, whose administrators are one `ReviewBoard`
+in the state folder. Every answer is committed before it is returned: after a SIGKILL, each
+certificate a client received is in the store.
+
+A transaction is open until its final answer (issued or refused) has been given once: a repeated
+transaction ID while it is open gets its current state (polls, retries of a pending request);
+the same ID after that starts a new transaction (a device enrolling again with the same key).
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from engine import _der
+from engine.approval import ReviewBoard
+from engine.auth import Verifier, check_password
+from engine.ca import CertificationAuthority, IssuancePolicy
+from engine.errors import (
+    ApprovalDeniedError,
+    AuthenticationError,
+    EnrollmentError,
+    RejectedError,
+    UnknownUserError,
+)
+from engine.flow import Step
+from engine.identity import User
+from engine.keys import key_spec
+from engine.request import SAN_OID_DER, ParsedRequest, parse_request
+from engine.stores import Database, SqliteDirectory
+from engine.system import CAMaterial, EngineConfig
+from engine.wire.seam import Ticket, TicketStatus
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS transactions (
+    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, request BLOB NOT NULL, status TEXT NOT NULL,
+    decide_at REAL, approve INTEGER, serial BLOB, certificate BLOB, error TEXT NOT NULL,
+    detail TEXT NOT NULL, delivered INTEGER NOT NULL, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS transactions_status ON transactions (status);
+"""
+# A serial colliding this many times in a row means the random source is broken.
+_SERIAL_DRAWS = 3
+# The soonest a client is asked to poll again (seconds).
+MIN_RETRY_AFTER = 0.05
+
+
+class SubjectPolicy(StrEnum):
+    """Whose subject the certificate carries."""
+
+    MATCH = "match"  # the request's subject must equal the user's directory DN (the seed's CA)
+    DIRECTORY = "directory"  # the CA writes the directory's DN and names (as AD CS templates do)
+
+
+Observe = Callable[[Step, int], None]
+
+
+def _ignore(step: Step, nanoseconds: int) -> None:
+    pass
+
+
+def seed_users(path: Path, users: Iterable[tuple[User, Verifier]]) -> None:
+    """Create the service's store at `path` and load its users (before the workers start)."""
+    database = Database(path, durable=True)
+    try:
+        SqliteDirectory(database).seed(users)
+    finally:
+        database.close()
+    connection = sqlite3.connect(str(path))
+    try:
+        connection.executescript(_SCHEMA)
+    finally:
+        connection.close()
+
+
+class SharedCAService:
+    """One worker's handle on the CA service (implements `engine.wire.seam.CAService`).
+
+    `review_board`: the administrators' calendar shared by all workers (required when the
+    configuration has approval). `manual`: no simulated administrators; requests wait for
+    `decide` (an administrator's call from the admin endpoint or command).
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        material: CAMaterial,
+        path: Path,
+        *,
+        review_board: ReviewBoard | None = None,
+        subject_policy: SubjectPolicy = SubjectPolicy.MATCH,
+        manual: bool = False,
+        observe: Observe = _ignore,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if config.approval is not None and review_board is None and not manual:
+            raise ValueError("an approval policy needs the service's shared review board")
+        self._users = Database(path, durable=True)
+        self.directory = SqliteDirectory(self._users)
+        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self.authority = CertificationAuthority(
+            config.profile_id,
+            material.chain(),
+            config.hash_name,
+            key_spec(config.device_key).family,
+            IssuancePolicy(config.allowed_keys),
+            config.validity_days * 86_400,
+            self.directory,
+            wall_clock,
+        )
+        self._certificates = material.certificates
+        self._chain_pkcs7 = self.authority.chain_der
+        self._approval = config.approval
+        self._rng = random.Random()
+        # the simulated administrators: their shared calendar, review times, approval rate
+        self._simulated: tuple[ReviewBoard, Callable[[], float], float] | None = None
+        if config.approval is not None and review_board is not None and not manual:
+            policy = config.approval
+            self._simulated = (review_board, policy.delay.sampler(self._rng), policy.approval_rate)
+        self._subject_policy = subject_policy
+        self._observe = observe
+        self._wall_clock = wall_clock
+
+    @property
+    def ca_certificates(self) -> tuple[bytes, ...]:
+        return self._certificates
+
+    @property
+    def chain_pkcs7(self) -> bytes:
+        return self._chain_pkcs7
+
+    async def authenticate(self, user_id: str, password: str) -> User:
+        """Step 2: a simple bind; the user's entry on success."""
+        began = time.perf_counter_ns()
+        try:
+            verifier = await self.directory.verifier(user_id)
+            if not check_password(verifier, password):
+                raise AuthenticationError(user_id)
+            return await self.directory.lookup_user(user_id)
+        finally:
+            self._observe(Step.AUTHENTICATE, time.perf_counter_ns() - began)
+
+    async def find_user(self, request_der: bytes) -> User:
+        """The user a request names: its subject's CN is the user ID (every directory DN here
+        starts with it; scepclient can write a CN but not the DN's DC parts)."""
+        began = time.perf_counter_ns()
+        try:
+            user_id = common_name(parse_request(request_der).subject)
+            if user_id is None:
+                raise UnknownUserError("(no CN in the request's subject)")
+            return await self.directory.lookup_user(user_id)
+        finally:
+            self._observe(Step.LOOKUP_DN, time.perf_counter_ns() - began)
+
+    async def submit(self, transaction_id: str, request_der: bytes, user: User) -> Ticket:
+        """Check the request, then issue it or queue it for an administrator (see the module)."""
+        row = self._row(transaction_id)
+        if row is not None and not row["delivered"]:
+            return await self._advance(row)
+        began = time.perf_counter_ns()
+        try:
+            request = self._policy_view(parse_request(request_der), user)
+            self.authority.check(request, user)
+        except EnrollmentError as exc:
+            return _refusal(transaction_id, exc)
+        finally:
+            self._observe(Step.SEND_REQUEST, time.perf_counter_ns() - began)
+        if self._approval is None:
+            return await self._issue(transaction_id, request, request_der, user, replace=True)
+        return self._queue(transaction_id, request_der, user)
+
+    async def poll(self, transaction_id: str) -> Ticket | None:
+        row = self._row(transaction_id)
+        return None if row is None else await self._advance(row)
+
+    def decide(self, transaction_id: str, approve: bool) -> bool:
+        """An administrator's decision on a pending request; False if none is pending."""
+        cursor = self._db.execute(
+            "UPDATE transactions SET approve = ?, decide_at = ? WHERE id = ? AND status = ?",
+            (int(approve), self._wall_clock(), transaction_id, TicketStatus.PENDING.value),
+        )
+        return cursor.rowcount == 1
+
+    def pending(self) -> list[tuple[str, str, float]]:
+        """Requests waiting for an administrator: (transaction ID, user ID, since)."""
+        rows = self._db.execute(
+            "SELECT id, user_id, created FROM transactions WHERE status = ? ORDER BY created",
+            (TicketStatus.PENDING.value,),
+        ).fetchall()
+        return [(str(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Transactions by status, and certificates published (for the metrics endpoint)."""
+        found = dict(self._db.execute("SELECT status, COUNT(*) FROM transactions GROUP BY status"))
+        published = self._db.execute("SELECT COUNT(*) FROM published").fetchone()[0]
+        return {**{str(k): int(v) for k, v in found.items()}, "published": int(published)}
+
+    def close(self) -> None:
+        self._db.close()
+        self._users.close()
+
+    def _policy_view(self, request: ParsedRequest, user: User) -> ParsedRequest:
+        """The request as the CA's subject policy reads it."""
+        if self._subject_policy is SubjectPolicy.MATCH:
+            return request
+        return request._replace(
+            subject=user.dn.der, extensions={SAN_OID_DER: (False, user.alternative_names)}
+        )
+
+    def _queue(self, transaction_id: str, request_der: bytes, user: User) -> Ticket:
+        """Book an administrator (simulated) or wait for a person (manual); store as pending."""
+        now = self._wall_clock()
+        decide_at: float | None = None
+        approve: int | None = None
+        if self._simulated is not None:
+            board, draw_delay, approval_rate = self._simulated
+            booked = board.reserve(draw_delay(), time.monotonic)
+            decide_at = now + (booked.finish - time.monotonic())
+            approve = int(self._rng.random() < approval_rate)
+        self._db.execute(
+            "INSERT OR REPLACE INTO transactions VALUES (?,?,?,?,?,?,NULL,NULL,'','',0,?)",
+            (transaction_id, user.user_id, request_der, "pending", decide_at, approve, now),
+        )
+        return self._pending_ticket(transaction_id, decide_at, now)
+
+    async def _advance(self, row: sqlite3.Row) -> Ticket:
+        """An open transaction's current state; decide it if its administrator has."""
+        transaction_id = str(row["id"])
+        status = TicketStatus(row["status"])
+        if status is not TicketStatus.PENDING:
+            self._db.execute(
+                "UPDATE transactions SET delivered = 1 WHERE id = ?", (transaction_id,)
+            )
+            return Ticket(
+                transaction_id, status, row["certificate"] or b"", row["error"], row["detail"]
+            )
+        now = self._wall_clock()
+        if row["approve"] is None or row["decide_at"] > now:
+            return self._pending_ticket(transaction_id, row["decide_at"], now)
+        if self._simulated is not None:
+            self._simulated[0].release()
+        user = await self.directory.lookup_user(str(row["user_id"]))
+        if not row["approve"]:
+            denied = ApprovalDeniedError(transaction_id, 0)
+            self._finish(transaction_id, "rejected", type(denied).__name__, str(denied))
+            return _refusal(transaction_id, denied)
+        request = self._policy_view(parse_request(row["request"]), user)
+        return await self._issue(transaction_id, request, row["request"], user, replace=False)
+
+    async def _issue(
+        self,
+        transaction_id: str,
+        request: ParsedRequest,
+        request_der: bytes,
+        user: User,
+        *,
+        replace: bool,
+    ) -> Ticket:
+        """Sign, publish and record in one committed transaction; a colliding serial draws
+        again (RFC 5280 4.1.2.2: unique per CA, which the store's PRIMARY KEY enforces)."""
+        began = time.perf_counter_ns()
+        try:
+            for draw in range(_SERIAL_DRAWS):
+                issued = self.authority.issue(request, user)
+                try:
+                    if self._commit_issued(transaction_id, request_der, user, issued, replace):
+                        return Ticket(transaction_id, TicketStatus.ISSUED, issued.certificate)
+                    # another worker decided this transaction first: answer with its result
+                    row = self._row(transaction_id)
+                    assert row is not None
+                    return await self._advance(row)
+                except sqlite3.IntegrityError:
+                    if draw == _SERIAL_DRAWS - 1:
+                        raise
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            self._observe(Step.ISSUE, time.perf_counter_ns() - began)
+
+    def _commit_issued(
+        self, transaction_id: str, request_der: bytes, user: User, issued: Any, replace: bool
+    ) -> bool:
+        serial = issued.serial.to_bytes(16, "big")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "INSERT INTO published VALUES (?, ?, ?)", (serial, issued.dn, issued.certificate)
+            )
+            if replace:
+                db.execute(
+                    "INSERT OR REPLACE INTO transactions VALUES "
+                    "(?,?,?,'issued',NULL,NULL,?,?,'','',1,?)",
+                    (
+                        transaction_id,
+                        user.user_id,
+                        request_der,
+                        serial,
+                        issued.certificate,
+                        self._wall_clock(),
+                    ),
+                )
+            else:
+                cursor = db.execute(
+                    "UPDATE transactions SET status = 'issued', serial = ?, certificate = ?, "
+                    "delivered = 1 WHERE id = ? AND status = 'pending'",
+                    (serial, issued.certificate, transaction_id),
+                )
+                if cursor.rowcount != 1:
+                    db.execute("ROLLBACK")
+                    return False
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return True
+
+    def _finish(self, transaction_id: str, status: str, error: str, detail: str) -> None:
+        self._db.execute(
+            "UPDATE transactions SET status = ?, error = ?, detail = ?, delivered = 1 "
+            "WHERE id = ? AND status = 'pending'",
+            (status, error, detail, transaction_id),
+        )
+
+    def _row(self, transaction_id: str) -> sqlite3.Row | None:
+        cursor = self._db.execute("SELECT * FROM transactions WHERE id = ?", (transaction_id,))
+        cursor.row_factory = sqlite3.Row
+        row: sqlite3.Row | None = cursor.fetchone()
+        return row
+
+    @staticmethod
+    def _pending_ticket(transaction_id: str, decide_at: float | None, now: float) -> Ticket:
+        wait = MIN_RETRY_AFTER if decide_at is None else max(MIN_RETRY_AFTER, decide_at - now)
+        return Ticket(transaction_id, TicketStatus.PENDING, retry_after=wait)
+
+
+def _refusal(transaction_id: str, exc: EnrollmentError) -> Ticket:
+    status = TicketStatus.REJECTED if isinstance(exc, RejectedError) else TicketStatus.FAILED
+    return Ticket(transaction_id, status, error=type(exc).__name__, detail=str(exc))
+
+
+_CN_OID = bytes.fromhex("550403")
+
+
+def common_name(name_der: bytes) -> str | None:
+    """The first CN of a DER Name (RFC 5280 4.1.2.4), or None; MalformedDerError when the
+    Name does not parse."""
+    start, end = _der.read_whole(name_der, _der.SEQUENCE)
+    for _, _, rdn_start, rdn_end in _der.split_children(name_der, start, end):
+        for _, _, atv_start, atv_end in _der.split_children(name_der, rdn_start, rdn_end):
+            oid_start, oid_end = _der.expect(name_der, atv_start, _der.OID, atv_end)
+            if name_der[oid_start:oid_end] == _CN_OID:
+                _, value_start, value_end = _der.read_header(name_der, oid_end)
+                return name_der[value_start:value_end].decode("utf-8", "replace")
+    return None

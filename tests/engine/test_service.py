@@ -1,0 +1,185 @@
+"""The shared CA service: issuance, open transactions, approvals and state across workers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from engine.approval import ApprovalPolicy, ReviewBoard
+from engine.distribution import Distribution
+from engine.identity import User
+from engine.keys import Signer, key_spec
+from engine.population import directory_entry, simulated_enrollee
+from engine.request import RequestContent, RequestTemplate
+from engine.service import SharedCAService, SubjectPolicy, common_name, seed_users
+from engine.system import EngineConfig
+from engine.wire.seam import TicketStatus
+from tests.conftest import SEED, ca_material, vector_key
+
+CONFIG = EngineConfig(auth_iterations=1)
+
+
+def _request(user: User, vector: str = "p256-4") -> bytes:
+    """A P-256 request for `user` signed with a fixed key."""
+    content = RequestContent(user.dn, user.email, user.upn)
+    signer = Signer(vector_key(vector), "sha256")
+    return RequestTemplate(key_spec("p256").family).build(signer, content)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """A service store with five users."""
+    path = tmp_path / "state.sqlite"
+    seed_users(path, [directory_entry(simulated_enrollee(i, SEED), SEED, 1) for i in range(5)])
+    return path
+
+
+def _service(path: Path, config: EngineConfig = CONFIG, **kwargs: object) -> SharedCAService:
+    return SharedCAService(config, ca_material(config), path, **kwargs)  # type: ignore[arg-type]
+
+
+def _user(index: int) -> User:
+    return simulated_enrollee(index, SEED).user
+
+
+def test_auto_issue_commits_before_answering(store: Path) -> None:
+    """An issued certificate is in the store, seen by a second worker's connection."""
+    a, b = _service(store), _service(store)
+    ticket = asyncio.run(a.submit("t1", _request(_user(1)), _user(1)))
+    assert ticket.status is TicketStatus.ISSUED
+    certificate = x509.load_der_x509_certificate(ticket.certificate)
+    assert b.counts()["published"] == 1
+    assert certificate.subject.rfc4514_string() == _user(1).dn.text
+    a.close()
+    b.close()
+
+
+def test_serials_unique_across_workers(store: Path) -> None:
+    """Two workers issuing 50 certificates each never share a serial."""
+    workers = [_service(store), _service(store)]
+
+    async def issue() -> list[int]:
+        serials = []
+        for n in range(50):
+            for w, service in enumerate(workers):
+                ticket = await service.submit(f"t{w}-{n}", _request(_user(2)), _user(2))
+                assert ticket.status is TicketStatus.ISSUED
+                serials.append(x509.load_der_x509_certificate(ticket.certificate).serial_number)
+        return serials
+
+    serials = asyncio.run(issue())
+    assert len(set(serials)) == 100
+    assert workers[0].counts()["published"] == 100
+    for service in workers:
+        service.close()
+
+
+def test_repeat_while_open_then_new_transaction(store: Path) -> None:
+    """A repeated ID gets the open transaction's state; once answered, it starts a new one."""
+    config = EngineConfig(
+        auth_iterations=1, approval=ApprovalPolicy(1, Distribution("fixed", mean=0.0), 1.0)
+    )
+    with ReviewBoard.shared(1, store.parent) as board:
+        service = _service(store, config, review_board=board)
+        request = _request(_user(1))
+        first = asyncio.run(service.submit("t", request, _user(1)))
+        assert first.status is TicketStatus.PENDING
+        issued = asyncio.run(service.submit("t", request, _user(1)))
+        assert issued.status is TicketStatus.ISSUED
+        again = asyncio.run(service.submit("t", request, _user(1)))
+        assert again.status is TicketStatus.PENDING  # a new enrollment of the same device
+        service.close()
+
+
+def test_poll_on_another_worker_issues_once(store: Path) -> None:
+    """A request queued by one worker is issued by a poll to another, exactly once."""
+    config = EngineConfig(
+        auth_iterations=1, approval=ApprovalPolicy(2, Distribution("fixed", mean=0.0), 1.0)
+    )
+    with ReviewBoard.shared(2, store.parent) as board:
+        a = _service(store, config, review_board=board)
+        b = _service(store, config, review_board=board)
+        pending = asyncio.run(a.submit("t", _request(_user(3)), _user(3)))
+        assert pending.status is TicketStatus.PENDING
+        polled = asyncio.run(b.poll("t"))
+        assert polled is not None
+        assert polled.status is TicketStatus.ISSUED
+        assert a.counts()["published"] == 1
+        assert asyncio.run(a.poll("unknown")) is None
+        a.close()
+        b.close()
+
+
+def test_denied_request_is_rejected(store: Path) -> None:
+    """An administrator who denies ends the transaction rejected."""
+    config = EngineConfig(
+        auth_iterations=1, approval=ApprovalPolicy(1, Distribution("fixed", mean=0.0), 0.0)
+    )
+    with ReviewBoard.shared(1, store.parent) as board:
+        service = _service(store, config, review_board=board)
+        asyncio.run(service.submit("t", _request(_user(1)), _user(1)))
+        ticket = asyncio.run(service.poll("t"))
+        assert ticket is not None
+        assert (ticket.status, ticket.error) == (TicketStatus.REJECTED, "ApprovalDeniedError")
+        service.close()
+
+
+def test_manual_approval_waits_for_a_decision(store: Path) -> None:
+    """Manual mode: pending until `decide`, then issued."""
+    config = EngineConfig(
+        auth_iterations=1, approval=ApprovalPolicy(1, Distribution("fixed", mean=0.0), 1.0)
+    )
+    service = _service(store, config, manual=True)
+    asyncio.run(service.submit("t", _request(_user(1)), _user(1)))
+    polled = asyncio.run(service.poll("t"))
+    assert polled is not None
+    assert polled.status is TicketStatus.PENDING
+    assert [p[:2] for p in service.pending()] == [("t", _user(1).user_id)]
+    assert service.decide("t", approve=True)
+    assert not service.decide("nothing", approve=True)
+    polled = asyncio.run(service.poll("t"))
+    assert polled is not None
+    assert polled.status is TicketStatus.ISSUED
+    service.close()
+
+
+def test_refusals_are_tickets_not_exceptions(store: Path) -> None:
+    """Garbage is FAILED, another user's request REJECTED; nothing raises."""
+    service = _service(store)
+    garbage = asyncio.run(service.submit("g", b"\x30\x03\x02\x01", _user(1)))
+    assert (garbage.status, garbage.error) == (TicketStatus.FAILED, "MalformedRequestError")
+    other = asyncio.run(service.submit("o", _request(_user(2)), _user(1)))
+    assert (other.status, other.error) == (TicketStatus.REJECTED, "SubjectMismatchError")
+    service.close()
+
+
+def test_directory_subject_policy_writes_the_directory_dn(store: Path) -> None:
+    """Under the directory policy another subject is replaced by the user's DN."""
+    service = _service(store, subject_policy=SubjectPolicy.DIRECTORY)
+    ticket = asyncio.run(service.submit("o", _request(_user(2)), _user(1)))
+    assert ticket.status is TicketStatus.ISSUED
+    subject = x509.load_der_x509_certificate(ticket.certificate).subject
+    assert subject.rfc4514_string() == _user(1).dn.text
+    service.close()
+
+
+def test_find_user_and_authenticate(store: Path) -> None:
+    """The CN names the user; a right password authenticates, a wrong one does not."""
+    service = _service(store)
+    found = asyncio.run(service.find_user(_request(_user(4))))
+    assert found.user_id == _user(4).user_id
+    enrollee = simulated_enrollee(4, SEED)
+    assert asyncio.run(service.authenticate(enrollee.user.user_id, enrollee.password)) == found
+    with pytest.raises(Exception, match="authentication failed"):
+        asyncio.run(service.authenticate(enrollee.user.user_id, "wrong"))
+    service.close()
+
+
+def test_common_name_reads_the_first_cn() -> None:
+    """The CN of a directory DN is its user ID; a Name without CN gives None."""
+    assert common_name(_user(3).dn.der) == _user(3).user_id
+    no_cn = x509.Name.from_rfc4514_string("O=Example").public_bytes()
+    assert common_name(no_cn) is None
