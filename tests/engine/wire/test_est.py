@@ -10,6 +10,8 @@ import subprocess
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from http import HTTPStatus
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -67,7 +69,7 @@ from engine.wire.seam import (
     Ticket,
     TicketStatus,
 )
-from tests.conftest import vector_key
+from tests.conftest import VECTORS, require_tool, vector_key
 
 PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret"}
 USERS = {
@@ -844,3 +846,143 @@ def test_handler_never_raises(
     handler = EstHandler(FakeService())
     answer = asyncio.run(handler(HttpRequest(method, path, "", headers, body, peer)))
     assert answer.status in {200, 204, 400, 401, 403, 404, 405, 415}
+
+
+# ---------------------------------------------------------------- curl and openssl as the client
+
+
+class ShimServer:
+    """A minimal HTTP/1.1 server for the handler (one request per connection): enough for
+    curl, standing in until engine.wire.http.HttpServer is committed."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            method, target, _ = head[0].split(" ", 2)
+            headers = {}
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                if name:
+                    headers[name.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            path, _, query = target.partition("?")
+            answer = await self.handler(HttpRequest(method, path, query, headers, body))
+            lines = [
+                f"HTTP/1.1 {answer.status} {HTTPStatus(answer.status).phrase}",
+                f"Content-Length: {len(answer.body)}",
+                "Connection: close",
+                *([f"Content-Type: {answer.content_type}"] if answer.content_type else []),
+                *(f"{name}: {value}" for name, value in answer.headers),
+            ]
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + answer.body)
+            await writer.drain()
+        finally:
+            writer.close()
+
+
+def curl_against(
+    handler: Handler, *arguments: str, output: Path | None = None
+) -> tuple[str, bytes]:
+    """Serve `handler` on loopback and run curl with `arguments` ("URL" becomes the server's
+    address), the body saved to `output`; return curl's HTTP status and the headers."""
+    curl = require_tool("curl")
+    body = str(output or "/dev/null")
+
+    async def scenario() -> tuple[str, bytes]:
+        server = ShimServer(handler)
+        base = await server.start()
+        try:
+            command = [a.replace("URL", base) for a in arguments]
+            process = await asyncio.create_subprocess_exec(
+                curl, "-sS", "-D", "-", "-o", body, "-w", "\n%{http_code}", "-H", "Expect:",
+                *command, stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            printed, _ = await asyncio.wait_for(process.communicate(), 30)
+        finally:
+            await server.stop()
+        headers, _, status = printed.rpartition(b"\n")
+        return status.decode(), headers
+
+    return run(scenario())
+
+
+def tool(*command: str, data: bytes | None = None) -> bytes:
+    """Run a command-line tool (found with require_tool) and return its output."""
+    path = require_tool(command[0])
+    done = subprocess.run([path, *command[1:]], input=data, capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout
+
+
+@pytest.mark.server
+def test_curl_and_openssl_enroll(tmp_path: Path) -> None:
+    """openssl req + curl (base64 body, Basic auth) enroll; the answer decodes with base64 -d
+    and openssl pkcs7, and openssl verify accepts it against the CA."""
+    csr = tmp_path / "csr.der"
+    tool("openssl", "req", "-new", "-key", str(VECTORS / "p256-4.pem"),
+         "-subj", "/O=enrollbench/CN=alice", "-outform", "DER", "-out", str(csr))  # fmt: skip
+    (tmp_path / "csr.b64").write_bytes(tool("base64", str(csr)))  # folded at 76 columns
+    (tmp_path / "ca.pem").write_bytes(CA_CERT.public_bytes(serialization.Encoding.PEM))
+    service, counter = FakeService(), Counter()
+    answer = tmp_path / "answer.b64"
+    status, _ = curl_against(
+        EstHandler(service, count=counter),
+        "--data-binary", f"@{tmp_path / 'csr.b64'}", "-H", "Content-Type: application/pkcs10",
+        "-u", f"alice:{PASSWORDS['alice']}", "URL/.well-known/est/simpleenroll", output=answer,
+    )  # fmt: skip
+    assert (status, counter.kinds) == ("200", [])
+    pkcs7_der = tool("base64", "-d", data=answer.read_bytes())
+    (tmp_path / "cert.pem").write_bytes(
+        tool("openssl", "pkcs7", "-inform", "DER", "-print_certs", data=pkcs7_der)
+    )
+    verified = tool("openssl", "verify", "-CAfile", str(tmp_path / "ca.pem"),
+                    str(tmp_path / "cert.pem"))  # fmt: skip
+    assert verified.strip().endswith(b": OK")
+    certificate = x509.load_pem_x509_certificate((tmp_path / "cert.pem").read_bytes())
+    assert certificate.public_key() == ec_key("p256-4").public_key()
+
+
+@pytest.mark.server
+def test_curl_without_credentials_gets_a_basic_challenge(tmp_path: Path) -> None:
+    """curl without -u is answered 401 with WWW-Authenticate: Basic realm="enrollbench"."""
+    body = tmp_path / "csr.b64"
+    body.write_bytes(encode_base64(request_for("alice")))
+    counter = Counter()
+    status, headers = curl_against(
+        EstHandler(FakeService(), count=counter),
+        "--data-binary", f"@{body}", "-H", "Content-Type: application/pkcs10",
+        "URL/.well-known/est/simpleenroll",
+    )  # fmt: skip
+    assert status == "401"
+    assert b'www-authenticate: basic realm="enrollbench"' in headers.lower()
+    assert counter.kinds == ["no-credentials"]
+
+
+@pytest.mark.server
+def test_curl_cacerts_reads_with_openssl_pkcs7(tmp_path: Path) -> None:
+    """curl GET cacerts | base64 -d | openssl pkcs7 -print_certs gives the CA certificate."""
+    answer = tmp_path / "cacerts.b64"
+    status, headers = curl_against(
+        EstHandler(FakeService()), "URL/.well-known/est/cacerts", output=answer
+    )
+    assert status == "200"
+    assert b"content-type: application/pkcs7-mime; smime-type=certs-only" in headers.lower()
+    printed = tool(
+        "openssl", "pkcs7", "-inform", "DER", "-print_certs",
+        data=tool("base64", "-d", data=answer.read_bytes()),
+    )  # fmt: skip
+    assert x509.load_pem_x509_certificates(printed) == [CA_CERT]
