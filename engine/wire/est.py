@@ -1,9 +1,11 @@
 """EST (RFC 7030 as updated by RFC 8951): message codec, client side and server side.
 
-Codec: every EST body is base64 (RFC 8951 3.2.2: no Content-Transfer-Encoding header is needed,
-decoders accept line breaks); requests are `application/pkcs10`, certificates travel as
-`application/pkcs7-mime; smime-type=certs-only` (a degenerate PKCS #7 SignedData, RFC 5652 5.1,
-built here from DER pieces), CSR attributes as `application/csrattrs` (RFC 7030 4.5.2).
+Codec: every EST body is base64 of DER whatever a Content-Transfer-Encoding header says (RFC 8951
+3.2.2); we send it unfolded (RFC 4648) and accept it folded into lines as well, as MIME-era
+clients send it (`base64`, `openssl base64`). Requests are `application/pkcs10`, certificates
+travel as `application/pkcs7-mime; smime-type=certs-only` (a degenerate PKCS #7 SignedData,
+RFC 5652 5.1, built here from DER pieces), CSR attributes as `application/csrattrs` (RFC 7030
+4.5.2).
 
 Client side: `EstClient` implements `seam.EnrollmentClient` over an `exchange` callable with
 `HttpClient.request`'s signature, so a server `Handler` can be plugged in directly.
@@ -116,7 +118,7 @@ def encode_base64(der: bytes) -> bytes:
 
 
 def decode_base64(body: bytes) -> bytes:
-    """Decode an EST body: spaces and line breaks are ignored (RFC 8951 3.2.2), anything else
+    """Decode an EST body: spaces and line breaks are ignored (folded base64), anything else
     must be canonical base64 (alphabet, padding, zero trailing bits); else `Base64Error`."""
     compact = body.translate(None, _WHITESPACE)
     if not compact:
