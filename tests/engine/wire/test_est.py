@@ -26,6 +26,8 @@ from pyasn1.codec.der import decoder as der_decoder
 from pyasn1_modules import rfc2315
 
 from engine import _der
+from engine.approval import ApprovalPolicy
+from engine.distribution import Distribution
 from engine.errors import (
     AuthenticationError,
     EnrollmentError,
@@ -36,6 +38,11 @@ from engine.errors import (
     UnknownUserError,
 )
 from engine.identity import DistinguishedName, User
+from engine.keys import Signer, key_spec
+from engine.population import directory_entry, simulated_enrollee
+from engine.request import RequestContent, RequestTemplate
+from engine.service import SharedCAService, seed_users
+from engine.system import EngineConfig
 from engine.wire.est import (
     CERTS_ONLY,
     PKCS10,
@@ -69,7 +76,7 @@ from engine.wire.seam import (
     Ticket,
     TicketStatus,
 )
-from tests.conftest import VECTORS, require_tool, vector_key
+from tests.conftest import SEED, VECTORS, ca_material, require_tool, vector_key
 
 PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret"}
 USERS = {
@@ -984,3 +991,103 @@ def test_curl_cacerts_reads_with_openssl_pkcs7(tmp_path: Path) -> None:
         data=tool("base64", "-d", data=answer.read_bytes()),
     )  # fmt: skip
     assert x509.load_pem_x509_certificates(printed) == [CA_CERT]
+
+
+# ---------------------------------------------------------------- against engine.service
+
+
+def shared_service(tmp_path: Path, **config: Any) -> SharedCAService:
+    """The real CA service over a fresh store with three seeded users (fixed CA vectors)."""
+    path = tmp_path / "state.sqlite"
+    seed_users(path, [directory_entry(simulated_enrollee(i, SEED), SEED, 1) for i in range(3)])
+    engine_config = EngineConfig(auth_iterations=1, **config)
+    return SharedCAService(engine_config, ca_material(engine_config), path, manual=True)
+
+
+def service_request(user: User, vector: str = "p256-4") -> bytes:
+    """The engine's own request template for a user, signed by a vector key."""
+    content = RequestContent(user.dn, user.email, user.upn)
+    return RequestTemplate(key_spec("p256").family).build(
+        Signer(vector_key(vector), "sha256"), content
+    )
+
+
+def test_against_the_shared_service(tmp_path: Path) -> None:
+    """EstClient -> EstHandler -> SharedCAService: chain root first, issued, verifying."""
+    service = shared_service(tmp_path, ca_intermediates=1)
+    try:
+        client = EstClient(exchange_to(EstHandler(service)))
+        chain = run(client.ca_certificates())
+        assert chain == service.ca_certificates
+        enrollee = simulated_enrollee(1, SEED)
+        credentials = DeviceCredentials(
+            "d1", enrollee.user.user_id, enrollee.password, None, service_request(enrollee.user)
+        )
+        ticket = run(client.submit(credentials, client.prepare(credentials, chain)))
+        assert ticket.status is TicketStatus.ISSUED
+        issued = x509.load_der_x509_certificate(ticket.certificate)
+        issued.verify_directly_issued_by(x509.load_der_x509_certificate(chain[-1]))
+        assert issued.public_key() == ec_key("p256-4").public_key()
+    finally:
+        service.close()
+
+
+def test_shared_service_wrong_password_and_garbage(tmp_path: Path) -> None:
+    """The real service's refusals come out as 401 and 400."""
+    service = shared_service(tmp_path)
+    try:
+        counter = Counter()
+        handler = EstHandler(service, count=counter)
+        user_id = simulated_enrollee(1, SEED).user.user_id
+        wrong = run(handler(post(user=(user_id, "wrong"))))
+        password = simulated_enrollee(1, SEED).password
+        garbage = run(
+            handler(post(body=encode_base64(b"\x30\x03\x02\x01\x00"), user=(user_id, password)))
+        )
+        assert (wrong.status, garbage.status) == (401, 400)
+        assert counter.kinds == ["wrong-credentials", "malformed-request"]
+    finally:
+        service.close()
+
+
+def test_shared_service_manual_approval_over_est(tmp_path: Path) -> None:
+    """Pending over EST (202) until an administrator decides; the resent request is issued."""
+    approval = ApprovalPolicy(1, Distribution("fixed", mean=0.0), 1.0)
+    service = shared_service(tmp_path, approval=approval)
+    try:
+        client = EstClient(exchange_to(EstHandler(service)))
+        enrollee = simulated_enrollee(2, SEED)
+        credentials = DeviceCredentials(
+            "d2", enrollee.user.user_id, enrollee.password, None, service_request(enrollee.user)
+        )
+        prepared = client.prepare(credentials, ())
+        first = run(client.submit(credentials, prepared))
+        assert first.status is TicketStatus.PENDING
+        assert first.retry_after >= 1.0
+        assert service.decide(first.transaction_id, approve=True)
+        final = run(client.poll(credentials, prepared, first))
+        assert final.status is TicketStatus.ISSUED
+    finally:
+        service.close()
+
+
+def test_shared_service_reenroll(tmp_path: Path) -> None:
+    """A certificate the real service issued authenticates simplereenroll for a new key."""
+    service = shared_service(tmp_path)
+    try:
+        enrollee = simulated_enrollee(1, SEED)
+        first = DeviceCredentials(
+            "d1", enrollee.user.user_id, enrollee.password, None, service_request(enrollee.user)
+        )
+        handler = EstHandler(service)
+        issued = run(EstClient(exchange_to(handler)).submit(first, None))
+        assert issued.status is TicketStatus.ISSUED
+        renewing = EstClient(exchange_to(handler, issued.certificate))
+        second = first._replace(request_der=service_request(enrollee.user, "p256-5"))
+        renewed = run(renewing.reenroll(second, None))
+        assert renewed.status is TicketStatus.ISSUED
+        assert x509.load_der_x509_certificate(renewed.certificate).public_key() == (
+            ec_key("p256-5").public_key()
+        )
+    finally:
+        service.close()
