@@ -38,6 +38,7 @@ from engine.errors import (
     HttpStatusError,
     MalformedAnswerError,
     MalformedDerError,
+    ProtocolRefusedError,
     TargetTimeoutError,
     UnknownUserError,
 )
@@ -88,7 +89,7 @@ Exchange = Callable[..., Awaitable[HttpResponse]]
 
 
 class Base64Error(FailedError):
-    """A body that is not strict base64 (RFC 4648 4), line breaks and spaces aside (RFC 8951)."""
+    """A body that is not strict base64 (RFC 4648 4), line breaks and spaces aside."""
 
     reason = "bad-base64"
 
@@ -451,8 +452,8 @@ class EstClient:
         if status in (400, 401, 403):
             reason = answer.body[:200].decode("utf-8", "replace").strip()
             detail = f"EST {operation}: HTTP {status}" + (f": {reason}" if reason else "")
-            return Ticket(transaction, TicketStatus.REJECTED, error="ProtocolRefusedError",
-                          detail=detail)  # fmt: skip
+            refused = ProtocolRefusedError.__name__
+            return Ticket(transaction, TicketStatus.REJECTED, error=refused, detail=detail)
         raise HttpStatusError(status, f"EST {operation}")
 
 
