@@ -847,10 +847,13 @@ def test_decode_csrattrs_random_bytes(data: bytes) -> None:
 def test_handler_never_raises(
     method: str, path: str, headers: dict[str, str], body: bytes, peer: bytes | None
 ) -> None:
-    """Whatever a client sends, the handler answers with a status (never an exception)."""
-    handler = EstHandler(FakeService())
+    """Whatever a client sends, the handler answers with a status (never an exception), and
+    counts each error answer exactly once."""
+    counter = Counter()
+    handler = EstHandler(FakeService(), count=counter)
     answer = asyncio.run(handler(HttpRequest(method, path, "", headers, body, peer)))
     assert answer.status in {200, 204, 400, 401, 403, 404, 405, 415}
+    assert len(counter.kinds) == (1 if answer.status >= 400 else 0)
 
 
 # ---------------------------------------------------------------- curl and openssl as the client
