@@ -139,8 +139,16 @@ class MalformedPkiMessageError(cms.MalformedCmsError):
 # ---- Codec ----
 
 
+_PRINTABLE_CHARACTERS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?"
+)
+
+
 def _printable(value: str) -> bytes:
-    return _der.encode_tlv(_PRINTABLE_STRING, value.encode("ascii"))
+    """A PrintableString (RFC 8894 3.2.1); UTF8String for text outside its alphabet."""
+    if _PRINTABLE_CHARACTERS.issuperset(value):
+        return _der.encode_tlv(_PRINTABLE_STRING, value.encode("ascii"))
+    return _der.encode_tlv(_der.UTF8_STRING, value.encode("utf-8"))
 
 
 _TYPE_ATTRIBUTES = {

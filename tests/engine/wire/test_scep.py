@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-from collections.abc import Awaitable, Callable
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -28,8 +32,9 @@ from engine.errors import (
 )
 from engine.identity import DistinguishedName, User
 from engine.wire import cms, scep
+from engine.wire.http import HttpClient, HttpServer
 from engine.wire.seam import DeviceCredentials, HttpRequest, HttpResponse, Ticket, TicketStatus
-from tests.conftest import vector_key
+from tests.conftest import require_tool, vector_key
 from tests.engine.wire.test_cms import ca_certificate, ca_der, mutated, wire_key
 
 _START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -577,3 +582,192 @@ def test_mutated_requests_never_crash_the_handler(data: st.DataObject) -> None:
     assert answer.status in (200, 400)
     if answer.status == 200:
         assert scep.decode_pki_message(answer.body).message_type == scep.MessageType.CERT_REP
+
+
+# ---- interop with micromdm 2.1.0 (Debian `scep`), one request in flight ----
+
+
+def _pkcs1_key(path: Path, key_name: str) -> Path:
+    """A fixed key as "RSA PRIVATE KEY" PEM: the only form scepclient loads."""
+    path.write_bytes(
+        wire_key(key_name).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
+
+def _openssl_verifies(ca_pem: Path, certificate: bytes, directory: Path) -> bool:
+    """`openssl verify -CAfile` accepts the certificate (DER or PEM)."""
+    path = directory / "verify-me.pem"
+    if not certificate.startswith(b"-----"):
+        certificate = x509.load_der_x509_certificate(certificate).public_bytes(
+            serialization.Encoding.PEM
+        )
+    path.write_bytes(certificate)
+    result = subprocess.run(
+        [require_tool("openssl"), "verify", "-CAfile", str(ca_pem), str(path)],
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    return result.returncode == 0 and result.stdout.strip().endswith(b": OK")
+
+
+@pytest.mark.server
+def test_scepclient_enrolls_against_our_handler(tmp_path: Path) -> None:
+    """micromdm's scepclient enrolls over HTTP against our handler; its certificate verifies
+    with openssl against our CA. It sends DES-CBC, whatever GetCACaps offers."""
+    tool = require_tool("scepclient")
+    setup = Setup(ra_der(), {"alice": "issue"})
+    bodies: list[bytes] = []
+
+    async def recording(request: HttpRequest) -> HttpResponse:
+        if request.method == "POST":
+            bodies.append(request.body)
+        return await setup.handler(request)
+
+    key = _pkcs1_key(tmp_path / "key.pem", "rsa2048-device-3")
+    fingerprint = hashlib.sha256(ra_der()).hexdigest()
+
+    async def run() -> tuple[int, bytes]:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        server = await HttpServer.start(recording, listener)
+        port = listener.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            tool, "-server-url", f"http://127.0.0.1:{port}/scep", "-private-key", str(key),
+            "-cn", "alice", "-challenge", PASSWORD, "-ca-fingerprint", fingerprint,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await server.stop(grace=1.0)
+        return process.returncode or 0, output
+
+    returncode, output = asyncio.run(run())
+    assert returncode == 0, output.decode(errors="replace")
+    ca_pem = tmp_path / "ca.pem"
+    ca_pem.write_bytes(ca_certificate().public_bytes(serialization.Encoding.PEM))
+    issued = (tmp_path / "client.pem").read_bytes()
+    assert _openssl_verifies(ca_pem, issued, tmp_path)
+    subject = x509.load_pem_x509_certificate(issued).subject
+    assert subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "alice"
+    (request,) = bodies
+    sent = scep.decode_pki_message(request)
+    opened = cms.decrypt_enveloped_data(sent.envelope, ra_der(), wire_key("rsa2048-ra"))
+    assert (sent.message_type, sent.signed.digest_name, opened.cipher) == (19, "sha1", "des")
+    assert setup.counted == []
+
+
+@pytest.fixture
+def scepserver(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """micromdm's scepserver on a fresh depot (`scepserver ca -init`), challenge "s3cret";
+    (port, CA PEM). Stopped afterwards."""
+    tool = require_tool("scepserver")
+    depot = tmp_path / "depot"
+    subprocess.run(
+        [tool, "ca", "-init", "-depot", str(depot), "-keySize", "2048"],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp_path / "scepserver.log").open("wb")
+    process = subprocess.Popen(
+        [tool, "-depot", str(depot), "-port", str(port), "-challenge", "s3cret"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        _wait_for_port(port, process)
+        yield port, depot / "ca.pem"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    for _ in range(200):
+        if process.poll() is not None:
+            pytest.fail(f"scepserver exited with {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    pytest.fail("scepserver did not listen within 10 s")
+
+
+@pytest.mark.server
+def test_our_client_enrolls_against_scepserver(
+    tmp_path: Path, scepserver: tuple[int, Path]
+) -> None:
+    """Our ScepClient enrolls three devices, one at a time, against micromdm's scepserver; each
+    certificate verifies against its CA. Its answers are SHA-1 signed and single-DES enveloped."""
+    port, ca_pem = scepserver
+    answers: list[HttpResponse] = []
+
+    async def run() -> list[tuple[scep.PreparedRequest, Ticket]]:
+        http = HttpClient("127.0.0.1", port, timeout=30.0)
+
+        async def exchange(*args: object) -> HttpResponse:
+            answer = await http.request(*args)  # type: ignore[arg-type]
+            answers.append(answer)
+            return answer
+
+        client = scep.ScepClient(exchange)
+        results = []
+        try:
+            ca = await client.ca_certificates()
+            for n, key_name in enumerate(
+                ("rsa2048-device-2", "rsa2048-device-3", "rsa2048-device-4")
+            ):
+                device = credentials(key_name, f"interop-{n}", "s3cret")
+                prepared = client.prepare(device, ca)
+                results.append((prepared, await client.submit(device, prepared)))
+        finally:
+            await http.close()
+        return results
+
+    results = asyncio.run(run())
+    for prepared, ticket in results:
+        assert ticket.status is TicketStatus.ISSUED, ticket
+        assert certificate_spki(ticket.certificate) == prepared.spki
+        assert _openssl_verifies(ca_pem, ticket.certificate, tmp_path)
+    assert results[0][0].cipher == "aes128"  # it offers AES, and decrypts what we send
+    prepared, _ = results[0]
+    reply = scep.decode_pki_message(answers[2].body)
+    opened = cms.decrypt_enveloped_data(reply.envelope, prepared.signer.certificate, prepared.key)
+    assert (reply.signed.digest_name, opened.cipher) == ("sha1", "des")
+    assert reply.sender_nonce == prepared.sender_nonce  # it copies ours
+
+
+@pytest.mark.server
+def test_scepserver_refuses_a_wrong_challenge(scepserver: tuple[int, Path]) -> None:
+    """A wrong challenge at scepserver is CertRep FAILURE: REJECTED, ProtocolRefusedError."""
+    port, _ = scepserver
+
+    async def run() -> Ticket:
+        http = HttpClient("127.0.0.1", port, timeout=30.0)
+        client = scep.ScepClient(http.request)
+        try:
+            device = credentials("rsa2048-device-2", "interop-wrong", "not it")
+            return await client.submit(
+                device, client.prepare(device, await client.ca_certificates())
+            )
+        finally:
+            await http.close()
+
+    ticket = asyncio.run(run())
+    assert (ticket.status, ticket.error) == (TicketStatus.REJECTED, "ProtocolRefusedError")
+    assert "badRequest" in ticket.detail
