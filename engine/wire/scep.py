@@ -307,7 +307,11 @@ def challenge_password(request_der: bytes) -> str | None:
 
     Raises `MalformedRequestError` when the request is not strict DER (RFC 2986).
     """
-    info = split_request(request_der)[0]
+    return _challenge_in(split_request(request_der)[0])
+
+
+def _challenge_in(info: bytes) -> str | None:
+    """The challengePassword in a CertificationRequestInfo that has passed the strict walk."""
     try:
         start, end = _der.read_whole(info, _der.SEQUENCE)
         children = _der.split_children(info, start, end)
@@ -315,12 +319,11 @@ def challenge_password(request_der: bytes) -> str | None:
         if tag != 0xA0:
             return None
         for _, _, content, stop in _der.split_children(info, attributes_start, attributes_end):
-            oid_start, oid_end = _der.expect(info, content, _der.OID, stop)
+            _, oid_end = _der.expect(info, content, _der.OID, stop)
             if info[content:oid_end] != CHALLENGE_PASSWORD:
                 continue
             values_start, values_end = _der.expect(info, oid_end, _der.SET, stop)
             tag, value_start, value_end = _der.read_header(info, values_start, values_end)
-            del oid_start
             if tag not in _STRING_TAGS:
                 return None
             return info[value_start:value_end].decode("utf-8", "replace")
@@ -474,10 +477,19 @@ class ScepClient:
         return certificates
 
     def prepare(
-        self, device: DeviceCredentials, ca: tuple[bytes, ...], *, certificate: bytes | None = None
+        self,
+        device: DeviceCredentials,
+        ca: tuple[bytes, ...],
+        *,
+        certificate: bytes | None = None,
+        transaction_id: str | None = None,
     ) -> PreparedRequest:
         """The PKCSReq (or, given the device's current `certificate`, RenewalReq) pkiMessage:
-        the request enveloped to the RA, signed with the device key (RFC 8894 3.3.1)."""
+        the request enveloped to the RA, signed with the device key (RFC 8894 3.3.1).
+
+        The transactionID defaults to the hex SHA-256 of the request's public key: a device
+        that enrolls again with the same key (a reused corpus key) must pass its own, or the
+        server answers with the first transaction's state (a repeated transactionID)."""
         key = device.key
         if not isinstance(key, rsa.RSAPrivateKey):
             raise UnsupportedKeyError("SCEP devices use RSA keys: the answer is enveloped to them")
@@ -498,8 +510,9 @@ class ScepClient:
         # transactionID: a hash of the public key (RFC 8894 3.2.1.1), hex as a PrintableString;
         # a renewal for the same key hashes the old certificate too, or it would be taken for
         # the finished first enrollment (a repeated transactionID gets that state back).
-        renewed = certificate if kind is MessageType.RENEWAL_REQ else b""
-        transaction_id = hashlib.sha256(spki + renewed).hexdigest()
+        if transaction_id is None:
+            renewed = certificate if kind is MessageType.RENEWAL_REQ else b""
+            transaction_id = hashlib.sha256(spki + renewed).hexdigest()
         nonce = os.urandom(_NONCE_SIZE)
         envelope = cms.build_enveloped_data(device.request_der, [recipient], cipher)
         message = encode_pki_message(kind, transaction_id, nonce, envelope, signer)
@@ -745,11 +758,11 @@ class ScepHandler:
     async def _authorize(self, kind: int, signer: bytes, request: bytes) -> User:
         """The user a PKCSReq (challengePassword) or RenewalReq (a certificate we issued to the
         same subject) is for; an EnrollmentError when it is refused."""
-        spki = split_request(request)[2]
+        info, _, spki, *_ = split_request(request)
         if kind == MessageType.PKCS_REQ:
             if certificate_spki(signer) != spki:
                 raise ScepRefusedError("PKCSReq signed with another key than the request's")
-            password = challenge_password(request)
+            password = _challenge_in(info)
             if password is None:
                 raise ScepRefusedError("PKCSReq without a challengePassword")
             user = await self._service.find_user(request)

@@ -8,11 +8,12 @@ import hashlib
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote
 
 import pytest
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import AttributeOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pytest_benchmark.fixture import BenchmarkFixture
 
 from engine.certificate import certificate_spki
 from engine.errors import (
@@ -38,6 +40,7 @@ from tests.conftest import require_tool, vector_key
 from tests.engine.wire.test_cms import ca_certificate, ca_der, mutated, wire_key
 
 _START = datetime(2026, 1, 1, tzinfo=UTC)
+_T = TypeVar("_T")
 PASSWORD = "correct horse"
 
 
@@ -771,3 +774,64 @@ def test_scepserver_refuses_a_wrong_challenge(scepserver: tuple[int, Path]) -> N
     ticket = asyncio.run(run())
     assert (ticket.status, ticket.error) == (TicketStatus.REJECTED, "ProtocolRefusedError")
     assert "badRequest" in ticket.detail
+
+
+# ---- benchmarks (pytest-benchmark; a single run when benchmarks are disabled) ----
+
+
+class _IssuedService(FakeService):
+    """A CA that answers every request with one pre-made certificate: what remains is SCEP."""
+
+    def __init__(self, certificate: bytes) -> None:
+        super().__init__({"alice": "issue"})
+        self.certificate = certificate
+
+    async def submit(self, transaction_id: str, request_der: bytes, user: User) -> Ticket:
+        return Ticket(transaction_id, TicketStatus.ISSUED, certificate=self.certificate)
+
+
+def _drive(coroutine: Coroutine[object, object, _T]) -> _T:
+    """Run a coroutine that never waits, without an event loop's overhead."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coroutine.close()
+    raise AssertionError("the coroutine waited")
+
+
+@cache
+def _benchmark_setup() -> tuple[scep.ScepClient, scep.ScepHandler, DeviceCredentials]:
+    device = credentials("rsa2048-device-1", "alice")
+    issued = FakeService({"alice": "issue"})._issue("t", device.request_der).certificate
+    service = _IssuedService(issued)
+    handler = scep.ScepHandler(service, ra_der(), wire_key("rsa2048-ra"))
+    client = scep.ScepClient(in_process(handler))
+    _drive(client.capabilities())
+    return client, handler, device
+
+
+def test_benchmark_client_prepare(benchmark: BenchmarkFixture) -> None:
+    """Client CPU to build a PKCSReq: self-signed certificate, envelope, signature."""
+    client, _, device = _benchmark_setup()
+    ca = (ca_der(), ra_der())
+    prepared = benchmark(client.prepare, device, ca)
+    assert prepared.message_type is scep.MessageType.PKCS_REQ
+
+
+def test_benchmark_server_pki_operation(benchmark: BenchmarkFixture) -> None:
+    """Server CPU for one PKCSReq with a CA that costs nothing: parse, verify, decrypt,
+    challenge, CertRep envelope and signature."""
+    client, handler, device = _benchmark_setup()
+    message = client.prepare(device, (ca_der(), ra_der())).message
+    answer = benchmark(lambda: _drive(handler.pki_operation(message)))
+    assert scep.decode_pki_message(answer.body).status is scep.PkiStatus.SUCCESS
+
+
+def test_benchmark_client_reads_cert_rep(benchmark: BenchmarkFixture) -> None:
+    """Client CPU to check and open a CertRep SUCCESS: verify, nonce, decrypt, pick."""
+    client, handler, device = _benchmark_setup()
+    prepared = client.prepare(device, (ca_der(), ra_der()))
+    answer = _drive(handler.pki_operation(prepared.message)).body
+    ticket = benchmark(scep.read_cert_rep, prepared, answer, prepared.sender_nonce)
+    assert ticket.status is TicketStatus.ISSUED
