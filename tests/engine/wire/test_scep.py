@@ -23,8 +23,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import AttributeOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pyasn1.codec.der import decoder
+from pyasn1_modules import rfc5652
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from engine import _der
 from engine.certificate import certificate_spki
 from engine.errors import (
     AuthenticationError,
@@ -37,7 +40,7 @@ from engine.wire import cms, scep
 from engine.wire.http import HttpClient, HttpServer
 from engine.wire.seam import DeviceCredentials, HttpRequest, HttpResponse, Ticket, TicketStatus
 from tests.conftest import require_tool, vector_key
-from tests.engine.wire.test_cms import ca_certificate, ca_der, mutated, wire_key
+from tests.engine.wire.test_cms import WIRE_VECTORS, ca_certificate, ca_der, mutated, wire_key
 
 _START = datetime(2026, 1, 1, tzinfo=UTC)
 _T = TypeVar("_T")
@@ -585,6 +588,98 @@ def test_mutated_requests_never_crash_the_handler(data: st.DataObject) -> None:
     assert answer.status in (200, 400)
     if answer.status == 200:
         assert scep.decode_pki_message(answer.body).message_type == scep.MessageType.CERT_REP
+
+
+@settings(
+    max_examples=120, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck)
+)
+@given(st.data())
+def test_mutated_answers_are_malformed_answer_errors(data: st.DataObject) -> None:
+    """A damaged CertRep is a MalformedAnswerError on the client, or still a valid answer."""
+    handler = _benchmark_setup()[1]
+    prepared = _prepared_for_mutation()
+    answer = _drive(handler.pki_operation(prepared.message)).body
+    damaged = data.draw(mutated(answer))
+    try:
+        ticket = scep.read_cert_rep(prepared, damaged, prepared.sender_nonce)
+    except MalformedAnswerError:
+        return
+    assert ticket.status is TicketStatus.ISSUED
+    assert certificate_spki(ticket.certificate) == prepared.spki
+
+
+@cache
+def _prepared_for_mutation() -> scep.PreparedRequest:
+    client, _, device = _benchmark_setup()
+    return client.prepare(device, (ca_der(), ra_der()))
+
+
+def test_pki_message_attributes_with_pyasn1() -> None:
+    """The PKCSReq's signed attributes decode with rfc5652 as RFC 8894 types: PrintableString
+    messageType and transactionID, a 16-byte OCTET STRING senderNonce."""
+    prepared = _prepared_for_mutation()
+    info, _ = decoder.decode(prepared.message, asn1Spec=rfc5652.ContentInfo())
+    data, _ = decoder.decode(info["content"], asn1Spec=rfc5652.SignedData())
+    attributes = {
+        str(a["attrType"]): a["attrValues"][0] for a in data["signerInfos"][0]["signedAttrs"]
+    }
+    assert bytes(attributes["2.16.840.1.113733.1.9.2"]) == _der.encode_tlv(0x13, b"19")
+    assert bytes(attributes["2.16.840.1.113733.1.9.7"]) == _der.encode_tlv(
+        0x13, prepared.transaction_id.encode()
+    )
+    assert bytes(attributes["2.16.840.1.113733.1.9.5"]) == _der.encode_tlv(
+        0x04, prepared.sender_nonce
+    )
+    envelope, _ = decoder.decode(
+        bytes(data["encapContentInfo"]["eContent"]), asn1Spec=rfc5652.ContentInfo()
+    )
+    assert str(envelope["contentType"]) == "1.2.840.113549.1.7.3"
+
+
+@pytest.mark.server
+def test_openssl_opens_our_pkcsreq(tmp_path: Path) -> None:
+    """openssl verifies the PKCSReq, decrypts its envelope with the RA key, and the request
+    inside passes `openssl req -verify`."""
+    openssl = require_tool("openssl")
+    prepared = _prepared_for_mutation()
+    (tmp_path / "message.der").write_bytes(prepared.message)
+    (tmp_path / "ra.pem").write_bytes(
+        x509.load_der_x509_certificate(ra_der()).public_bytes(serialization.Encoding.PEM)
+    )
+    (tmp_path / "ra.key").write_bytes((WIRE_VECTORS / "rsa2048-ra.pem").read_bytes())
+
+    def run(*args: str) -> None:
+        result = subprocess.run(
+            [openssl, *args], capture_output=True, timeout=30, check=False, cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+
+    run(
+        "cms",
+        "-verify",
+        "-noverify",
+        "-inform",
+        "DER",
+        "-in",
+        "message.der",
+        "-out",
+        "envelope.der",
+    )
+    run(
+        "cms",
+        "-decrypt",
+        "-inform",
+        "DER",
+        "-in",
+        "envelope.der",
+        "-recip",
+        "ra.pem",
+        "-inkey",
+        "ra.key",
+        "-out",
+        "request.der",
+    )
+    run("req", "-inform", "DER", "-in", "request.der", "-verify", "-noout")
 
 
 # ---- interop with micromdm 2.1.0 (Debian `scep`), one request in flight ----
