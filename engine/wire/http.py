@@ -20,6 +20,7 @@ started on a connected socket so that the handshake is timed apart from the TCP 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl as ssl_module
@@ -248,11 +249,29 @@ class _ServerConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._method = self._parser.get_method().decode("ascii", "replace")
-        length = self._headers.get("content-length")
+        headers = self._headers
+        length = headers.get("content-length")
         # refused before reading: a client must not make us buffer what we will not accept
         if length is not None and length.isdigit() and int(length) > self._limits.max_body:
             self._refuse(413, "body-too-large")
             raise _StopParsingError
+        has_body = (length is not None and length != "0") or "transfer-encoding" in headers
+        if has_body and self._parser.should_upgrade():
+            # llhttp hands an upgrade request's body over as the new protocol's bytes: we
+            # offer no upgrade and cannot serve it whole, so it is refused as bad HTTP
+            self._refuse(400, "malformed-http")
+            raise _StopParsingError
+        if has_body and headers.get("expect", "").lower() == "100-continue":
+            self._continue()
+
+    def _continue(self) -> None:
+        """Invite the body now (curl waits a second for this before a body over 1 KB).
+
+        Only when no answer is owed on this connection: an interim answer must not overtake
+        the answers to earlier pipelined requests (RFC 9110 15.2)."""
+        owed = self._queue or self._task is not None
+        if self._transport is not None and not owed and self._parser.get_http_version() == "1.1":
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -399,7 +418,8 @@ class _ServerConnection(asyncio.Protocol):
         if self._refused:
             return
         if self._in_message:
-            if now - self._started > self._limits.request_timeout:
+            # while reading is paused (answers owed) the client is not the slow one
+            if now - self._started > self._limits.request_timeout and not self._paused_reading:
                 self._refuse(408, "slow-client")
         elif (
             self._task is None
@@ -493,6 +513,8 @@ class HttpServer:
             connection.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -588,6 +610,10 @@ class _ClientConnection(asyncio.Protocol):
             if self._stopped:
                 return  # a callback stopped the parser on purpose
             self._fail(MalformedAnswerError(f"not an HTTP/1.1 answer: {type(exc).__name__}"))
+
+    def on_message_begin(self) -> None:
+        if self._waiter is None or self._waiter.done():
+            self.close()  # more than the one answer asked for: never reuse this connection
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))

@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import logging
 import re
+import shutil
 import socket
 import ssl
 import threading
@@ -235,6 +236,116 @@ def test_head_has_no_body(run: Run[Any]) -> None:
     assert head.body == b""
     assert get.body == b"GET /h  0"
     assert phases.connections == 1
+
+
+def test_many_pipelined_requests_all_answered(run: Run[Any]) -> None:
+    """A flood of pipelined requests (reading pauses and resumes) is answered whole, in order."""
+    count = 300
+    flood = b"".join(b"GET /%d HTTP/1.1\r\n\r\n" % i for i in range(count - 1))
+    flood += b"GET /last HTTP/1.1\r\nConnection: close\r\n\r\n"
+
+    async def scenario() -> bytes:
+        async with serving() as served:
+            return await exchange_raw(served.port, flood)
+
+    answer = run(scenario())
+    assert statuses(answer) == [200] * count
+    paths = re.findall(rb"X-Echo: GET (/\w+) ", answer)
+    assert paths == [b"/%d" % i for i in range(count - 1)] + [b"/last"]
+
+
+def test_expect_continue_invites_the_body(run: Run[Any]) -> None:
+    """Expect: 100-continue gets an interim 100 before the body is sent, then the answer."""
+
+    async def scenario() -> tuple[bytes, bytes]:
+        async with serving() as served:
+            reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+            writer.write(b"POST /e HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+            interim = await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"body")
+            writer.write_eof()
+            final = await reader.read(-1)
+            writer.close()
+            return interim, final
+
+    interim, final = run(scenario())
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert statuses(final) == [200]
+    assert final.endswith(b"\r\n\r\nbody")
+
+
+def test_curl_posts_a_large_body(run: Run[Any], tmp_path: Path) -> None:
+    """curl (a client nobody here wrote) POSTs 4 KB (it sends Expect: 100-continue) and reads it."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not installed")
+    body = tmp_path / "body"
+    body.write_bytes(b"q" * 4096)
+
+    async def scenario() -> bytes:
+        async with serving() as served:
+            process = await asyncio.create_subprocess_exec(
+                curl,
+                "-sS",
+                "--http1.1",
+                "--max-time",
+                "10",
+                "--data-binary",
+                f"@{body}",
+                "-H",
+                "Content-Type: application/pkcs10",
+                f"http://127.0.0.1:{served.port}/c",
+                stdout=asyncio.subprocess.PIPE,
+            )
+            output, _ = await process.communicate()
+            assert process.returncode == 0
+            return output
+
+    assert run(scenario()) == b"q" * 4096
+
+
+def test_upgrade_request_is_served_then_closed(run: Run[Any]) -> None:
+    """An upgrade we do not offer is answered as plain HTTP and the connection closed."""
+    upgrade = b"GET /u HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\nPRI * HTTP/2.0"
+
+    async def scenario() -> bytes:
+        async with serving() as served:
+            return await exchange_raw(served.port, upgrade)
+
+    answer = run(scenario())
+    assert statuses(answer) == [200]
+    assert b"Connection: close" in answer
+
+
+def test_upgrade_request_with_body_is_refused(run: Run[Any]) -> None:
+    """An upgrade request with a body (which llhttp would not read) is refused with 400."""
+    upgrade = (
+        b"POST /u HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade\r\nContent-Length: 3\r\n\r\nabc"
+    )
+
+    async def scenario() -> tuple[bytes, list[str]]:
+        async with serving() as served:
+            return await exchange_raw(served.port, upgrade), served.counts
+
+    answer, counts = run(scenario())
+    assert statuses(answer) == [400]
+    assert counts == ["malformed-http"]
+
+
+def test_a_slow_client_does_not_delay_others(run: Run[Any]) -> None:
+    """While one connection holds half a request, another is served."""
+
+    async def scenario() -> HttpResponse:
+        async with serving() as served:
+            _, stalled = await asyncio.open_connection("127.0.0.1", served.port)
+            stalled.write(b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc")
+            client = HttpClient("127.0.0.1", served.port, timeout=5.0)
+            answer = await client.request("GET", "/other")
+            await client.close()
+            stalled.close()
+            return answer
+
+    assert run(scenario()).status == 200
 
 
 def test_handler_exchange_calls_the_handler() -> None:
@@ -695,6 +806,24 @@ def test_answer_until_close_is_read_whole(run: Run[Any]) -> None:
             return await HttpClient("127.0.0.1", port).request("GET", "/")
 
     assert run(scenario()).body == b"until the end"
+
+
+def test_extra_bytes_after_an_answer_retire_the_connection(run: Run[Any]) -> None:
+    """A peer that sends more than the answer asked for is not reused."""
+
+    def answer(connection: int, request: int) -> bytes:
+        return OK + OK if connection == 1 else OK
+
+    async def scenario() -> Phases:
+        async with raw_server(answer) as port:
+            client = HttpClient("127.0.0.1", port)
+            phases = Phases()
+            for _ in range(2):
+                assert (await client.request("GET", "/", phases=phases)).body == b"ok"
+            await client.close()
+            return phases
+
+    assert run(scenario()).connections == 2
 
 
 def test_stale_pooled_connection_is_retried_once(run: Run[Any]) -> None:
