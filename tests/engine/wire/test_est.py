@@ -1,4 +1,5 @@
-"""EST (engine.wire.est): codec, client against handler in process, and curl/openssl as peers."""
+"""EST (engine.wire.est): codec, client against handler in process and over HttpServer/HttpClient
+(TLS client certificates for simplereenroll), the real CA service, and curl/openssl as peers."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import ipaddress
+import socket
+import ssl
 import subprocess
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,7 +54,6 @@ from engine.wire.est import (
     CsrAttribute,
     EstClient,
     EstHandler,
-    Exchange,
     PollLimitError,
     basic_authorization,
     basic_credentials,
@@ -68,6 +70,7 @@ from engine.wire.est import (
     parse_retry_after,
     transaction_id,
 )
+from engine.wire.http import HttpClient, HttpServer, handler_exchange
 from engine.wire.seam import (
     DeviceCredentials,
     Handler,
@@ -245,30 +248,13 @@ class Counter:
         self.kinds.append(kind)
 
 
-def exchange_to(handler: Handler, peer_certificate: bytes | None = None) -> Exchange:
-    """An exchange (HttpClient.request's signature) that calls a handler directly."""
-
-    async def exchange(
-        method: str,
-        target: str,
-        headers: Sequence[tuple[str, str]] = (),
-        body: bytes = b"",
-        phases: object = None,
-    ) -> HttpResponse:
-        path, _, query = target.partition("?")
-        lowered = {name.lower(): value for name, value in headers}
-        return await handler(HttpRequest(method, path, query, lowered, body, peer_certificate))
-
-    return exchange
-
-
 def setup(
     *, approval: bool = False, peer: bytes | None = None, **options: Any
 ) -> tuple[FakeService, EstHandler, EstClient, Counter]:
     service = FakeService(approval=approval)
     counter = Counter()
     handler = EstHandler(service, count=counter, **options)
-    return service, handler, EstClient(exchange_to(handler, peer)), counter
+    return service, handler, EstClient(handler_exchange(handler, peer)), counter
 
 
 T = TypeVar("T")
@@ -552,7 +538,7 @@ def test_pending_answer_has_retry_after_header() -> None:
 def test_poll_limit() -> None:
     """A request still pending after poll_limit polls ends with PollLimitError."""
     service = FakeService(approval=True)
-    client = EstClient(exchange_to(EstHandler(service)), poll_limit=1)
+    client = EstClient(handler_exchange(EstHandler(service)), poll_limit=1)
     credentials = device("alice")
     first = run(client.submit(credentials, client.prepare(credentials, ())))
     assert isinstance(first, Ticket)
@@ -644,7 +630,7 @@ def test_label() -> None:
     """A configured label routes to the same service (/.well-known/est/LABEL/simpleenroll)."""
     service = FakeService()
     handler = EstHandler(service, labels=("p256",))
-    client = EstClient(exchange_to(handler), label="p256")
+    client = EstClient(handler_exchange(handler), label="p256")
     ticket = run(client.submit(device("alice"), None))
     assert isinstance(ticket, Ticket)
     assert ticket.status is TicketStatus.ISSUED
@@ -859,47 +845,13 @@ def test_handler_never_raises(
 # ---------------------------------------------------------------- curl and openssl as the client
 
 
-class ShimServer:
-    """A minimal HTTP/1.1 server for the handler (one request per connection): enough for
-    curl, standing in until engine.wire.http.HttpServer is committed."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-            method, target, _ = head[0].split(" ", 2)
-            headers = {}
-            for line in head[1:]:
-                name, _, value = line.partition(":")
-                if name:
-                    headers[name.strip().lower()] = value.strip()
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-            path, _, query = target.partition("?")
-            answer = await self.handler(HttpRequest(method, path, query, headers, body))
-            lines = [
-                f"HTTP/1.1 {answer.status} {HTTPStatus(answer.status).phrase}",
-                f"Content-Length: {len(answer.body)}",
-                "Connection: close",
-                *([f"Content-Type: {answer.content_type}"] if answer.content_type else []),
-                *(f"{name}: {value}" for name, value in answer.headers),
-            ]
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + answer.body)
-            await writer.drain()
-        finally:
-            writer.close()
+def listening_socket() -> socket.socket:
+    """A loopback socket bound to a free port, listening."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
 
 
 def curl_against(
@@ -911,17 +863,18 @@ def curl_against(
     body = str(output or "/dev/null")
 
     async def scenario() -> tuple[str, bytes]:
-        server = ShimServer(handler)
-        base = await server.start()
+        sock = listening_socket()
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        server = await HttpServer.start(handler, sock)
         try:
             command = [a.replace("URL", base) for a in arguments]
             process = await asyncio.create_subprocess_exec(
-                curl, "-sS", "-D", "-", "-o", body, "-w", "\n%{http_code}", "-H", "Expect:",
-                *command, stdout=asyncio.subprocess.PIPE,
+                curl, "-sS", "-D", "-", "-o", body, "-w", "\n%{http_code}", *command,
+                stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
             printed, _ = await asyncio.wait_for(process.communicate(), 30)
         finally:
-            await server.stop()
+            await server.stop(grace=1.0)
         headers, _, status = printed.rpartition(b"\n")
         return status.decode(), headers
 
@@ -1019,7 +972,7 @@ def test_against_the_shared_service(tmp_path: Path) -> None:
     """EstClient -> EstHandler -> SharedCAService: chain root first, issued, verifying."""
     service = shared_service(tmp_path, ca_intermediates=1)
     try:
-        client = EstClient(exchange_to(EstHandler(service)))
+        client = EstClient(handler_exchange(EstHandler(service)))
         chain = run(client.ca_certificates())
         assert chain == service.ca_certificates
         enrollee = simulated_enrollee(1, SEED)
@@ -1058,7 +1011,7 @@ def test_shared_service_manual_approval_over_est(tmp_path: Path) -> None:
     approval = ApprovalPolicy(1, Distribution("fixed", mean=0.0), 1.0)
     service = shared_service(tmp_path, approval=approval)
     try:
-        client = EstClient(exchange_to(EstHandler(service)))
+        client = EstClient(handler_exchange(EstHandler(service)))
         enrollee = simulated_enrollee(2, SEED)
         credentials = DeviceCredentials(
             "d2", enrollee.user.user_id, enrollee.password, None, service_request(enrollee.user)
@@ -1083,9 +1036,9 @@ def test_shared_service_reenroll(tmp_path: Path) -> None:
             "d1", enrollee.user.user_id, enrollee.password, None, service_request(enrollee.user)
         )
         handler = EstHandler(service)
-        issued = run(EstClient(exchange_to(handler)).submit(first, None))
+        issued = run(EstClient(handler_exchange(handler)).submit(first, None))
         assert issued.status is TicketStatus.ISSUED
-        renewing = EstClient(exchange_to(handler, issued.certificate))
+        renewing = EstClient(handler_exchange(handler, issued.certificate))
         second = first._replace(request_der=service_request(enrollee.user, "p256-5"))
         renewed = run(renewing.reenroll(second, None))
         assert renewed.status is TicketStatus.ISSUED
@@ -1094,3 +1047,84 @@ def test_shared_service_reenroll(tmp_path: Path) -> None:
         )
     finally:
         service.close()
+
+
+# ---------------------------------------------------------------- over engine.wire.http
+
+
+def tls_contexts(tmp_path: Path, client_certificate: bytes | None) -> tuple[ssl.SSLContext, ...]:
+    """Server (TLS 1.3, client certificate asked for, as `serve` does) and client contexts;
+    the client shows `client_certificate` with the p256-4 device key when given one."""
+    server_key = ec_key("p256-3")
+    localhost = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    server = make_certificate(
+        server_name, server_key.public_key(), ROOT_NAME, CA_KEY, 50, san=localhost
+    )
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.pem").write_bytes(CA_CERT.public_bytes(pem))
+    (tmp_path / "server.pem").write_bytes(server.public_bytes(pem))
+    (tmp_path / "server.key").write_bytes((VECTORS / "p256-3.pem").read_bytes())
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.minimum_version = ssl.TLSVersion.TLSv1_3
+    server_context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    server_context.verify_mode = ssl.CERT_OPTIONAL
+    server_context.load_verify_locations(tmp_path / "ca.pem")
+    client_context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    if client_certificate is not None:
+        certificate = x509.load_der_x509_certificate(client_certificate)
+        (tmp_path / "client.pem").write_bytes(certificate.public_bytes(pem))
+        client_context.load_cert_chain(tmp_path / "client.pem", VECTORS / "p256-4.pem")
+    return server_context, client_context
+
+
+def over_loopback(
+    handler: EstHandler,
+    work: Callable[[EstClient], Coroutine[Any, Any, T]],
+    contexts: tuple[ssl.SSLContext, ...] = (),
+) -> T:
+    """Serve `handler` with HttpServer on loopback and run `work` with an EstClient over an
+    HttpClient (TLS when `contexts` are given)."""
+
+    async def scenario() -> T:
+        sock = listening_socket()
+        port = sock.getsockname()[1]
+        server_tls, client_tls = contexts or (None, None)
+        server = await HttpServer.start(handler, sock, ssl=server_tls)
+        http = HttpClient("127.0.0.1", port, ssl=client_tls)
+        try:
+            return await work(EstClient(http.request))
+        finally:
+            await http.close()
+            await server.stop(grace=1.0)
+
+    return run(scenario())
+
+
+def test_enroll_over_loopback_http() -> None:
+    """EstClient over HttpClient against EstHandler on HttpServer: chain, then a certificate."""
+    credentials = device("alice")
+
+    async def work(client: EstClient) -> tuple[tuple[bytes, ...], Ticket]:
+        chain = await client.ca_certificates()
+        return chain, await client.submit(credentials, client.prepare(credentials, chain))
+
+    chain, ticket = over_loopback(EstHandler(FakeService()), work)
+    assert chain == (der(CA_CERT),)
+    assert ticket.status is TicketStatus.ISSUED
+
+
+def test_reenroll_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    """Over TLS 1.3 the certificate the client shows reaches the handler, which renews it."""
+    held = der(issued_for("alice"))
+    credentials = device("alice", request_der=request_for("alice", "p256-5"))
+
+    async def work(client: EstClient) -> Ticket:
+        return await client.reenroll(credentials, None)
+
+    counter = Counter()
+    handler = EstHandler(FakeService(), count=counter)
+    ticket = over_loopback(handler, work, tls_contexts(tmp_path, held))
+    assert ticket.status is TicketStatus.ISSUED
+    refused = over_loopback(handler, work, tls_contexts(tmp_path, None))
+    assert (refused.status, counter.kinds) == (TicketStatus.REJECTED, ["no-client-certificate"])
