@@ -66,6 +66,7 @@ FAIL_INFO = _der.encode_oid("2.16.840.1.113733.1.9.4")
 SENDER_NONCE = _der.encode_oid("2.16.840.1.113733.1.9.5")
 RECIPIENT_NONCE = _der.encode_oid("2.16.840.1.113733.1.9.6")
 TRANSACTION_ID = _der.encode_oid("2.16.840.1.113733.1.9.7")
+FAIL_INFO_TEXT = _der.encode_oid("1.3.6.1.5.5.7.24.1")  # id-scep-failInfoText (RFC 8894 3.2.1.4)
 CHALLENGE_PASSWORD = _der.encode_oid("1.2.840.113549.1.9.7")  # PKCS #9 (RFC 2985 5.4.1)
 
 _PRINTABLE_STRING = 0x13
@@ -173,6 +174,7 @@ class PkiMessage(NamedTuple):
     fail_info: int | None  # CertRep FAILURE only
     envelope: bytes  # the pkcsPKIEnvelope (EnvelopedData DER), b"" when absent
     signed: cms.SignedData
+    fail_text: str = ""  # failInfoText, when a FAILURE carries one
 
 
 def encode_pki_message(
@@ -185,6 +187,7 @@ def encode_pki_message(
     recipient_nonce: bytes | None = None,
     status: PkiStatus | None = None,
     fail_info: FailInfo | None = None,
+    fail_text: str = "",
 ) -> bytes:
     """A signed pkiMessage (RFC 8894 3.2) around `envelope` (None: no pkcsPKIEnvelope)."""
     attributes = [
@@ -199,6 +202,9 @@ def encode_pki_message(
         attributes.append(_STATUS_ATTRIBUTES[status])
     if fail_info is not None:
         attributes.append(_FAIL_ATTRIBUTES[fail_info])
+    if fail_text:
+        text = _der.encode_tlv(_der.UTF8_STRING, fail_text.encode("utf-8"))
+        attributes.append(cms.encode_attribute(FAIL_INFO_TEXT, text))
     return cms.build_signed_data(envelope, signer, attributes)
 
 
@@ -243,6 +249,7 @@ def decode_pki_message(data: bytes) -> PkiMessage:
         fail_info,
         signed.content,
         signed,
+        _string(attributes, FAIL_INFO_TEXT, "failInfoText"),
     )
 
 
@@ -595,6 +602,8 @@ def read_cert_rep(
         return Ticket(tid, TicketStatus.PENDING, retry_after=poll_interval)
     if reply.status is PkiStatus.FAILURE:
         detail = f"SCEP FAILURE: failInfo {fail_info_name(reply.fail_info or 0)}"
+        if reply.fail_text:
+            detail += f": {reply.fail_text[:200]}"
         return Ticket(tid, TicketStatus.REJECTED, error="ProtocolRefusedError", detail=detail)
     return Ticket(tid, TicketStatus.ISSUED, certificate=_issued_certificate(ready, reply))
 
@@ -642,10 +651,11 @@ def _is_content_info(body: bytes) -> bool:
 class _RefusalError(Exception):
     """A request answered with CertRep FAILURE (not raised out of the handler)."""
 
-    def __init__(self, fail_info: FailInfo, kind: str) -> None:
+    def __init__(self, fail_info: FailInfo, kind: str, text: str) -> None:
         super().__init__(kind)
         self.fail_info = fail_info
         self.kind = kind
+        self.text = text
 
 
 _TEXT = "text/plain"
@@ -715,17 +725,24 @@ class ScepHandler:
             signer, ticket, cipher = await self._answer(message)
         except _RefusalError as refusal:
             self._count(refusal.kind)
-            return self._cert_rep(message, PkiStatus.FAILURE, fail_info=refusal.fail_info)
+            return self._cert_rep(
+                message, PkiStatus.FAILURE, fail_info=refusal.fail_info, fail_text=refusal.text
+            )
         if ticket.status is TicketStatus.PENDING:
             return self._cert_rep(message, PkiStatus.PENDING)
         if ticket.status is not TicketStatus.ISSUED:
             self._count("bad-request")
-            return self._cert_rep(message, PkiStatus.FAILURE, fail_info=FailInfo.BAD_REQUEST)
+            text = ticket.error or ticket.status.value
+            return self._cert_rep(
+                message, PkiStatus.FAILURE, fail_info=FailInfo.BAD_REQUEST, fail_text=text
+            )
         try:
             recipient = cms.CmsRecipient(signer)
         except cms.MalformedCmsError:
             self._count("bad-alg")
-            return self._cert_rep(message, PkiStatus.FAILURE, fail_info=FailInfo.BAD_ALG)
+            return self._cert_rep(
+                message, PkiStatus.FAILURE, fail_info=FailInfo.BAD_ALG, fail_text="signer key"
+            )
         bundle = cms.build_certificates_only([ticket.certificate])
         envelope = cms.build_enveloped_data(bundle, [recipient], cipher)
         return self._cert_rep(message, PkiStatus.SUCCESS, envelope=envelope)
@@ -734,7 +751,7 @@ class ScepHandler:
         """(the requester's signer certificate, the ticket, the cipher to answer with)."""
         kind = message.message_type
         if kind not in (MessageType.PKCS_REQ, MessageType.RENEWAL_REQ, MessageType.CERT_POLL):
-            raise _RefusalError(FailInfo.BAD_REQUEST, "bad-request")
+            raise _RefusalError(FailInfo.BAD_REQUEST, "bad-request", f"messageType {kind}")
         signer = _checked(lambda: cms.verify_signed_data(message.signed))
         opened = _checked(lambda: cms.decrypt_enveloped_data(message.envelope, self._ra, self._key))
         transaction = "scep:" + message.transaction_id
@@ -742,16 +759,17 @@ class ScepHandler:
             try:
                 decode_issuer_and_subject(opened.content)
             except cms.MalformedCmsError as exc:
-                raise _RefusalError(FailInfo.BAD_REQUEST, "bad-request") from exc
+                raise _RefusalError(FailInfo.BAD_REQUEST, "bad-request", exc.detail) from exc
             ticket = await self._service.poll(transaction)
             if ticket is None:
-                raise _RefusalError(FailInfo.BAD_CERT_ID, "bad-cert-id")
+                raise _RefusalError(FailInfo.BAD_CERT_ID, "bad-cert-id", "unknown transactionID")
             return signer, ticket, opened.cipher
         request = opened.content
         try:
             user = await self._authorize(kind, signer, request)
         except EnrollmentError as exc:
-            raise _RefusalError(FailInfo.BAD_REQUEST, "bad-request") from exc
+            # the error's type only: its message may name users or subjects
+            raise _RefusalError(FailInfo.BAD_REQUEST, "bad-request", type(exc).__name__) from exc
         ticket = await self._service.submit(transaction, request, user)
         return signer, ticket, opened.cipher
 
@@ -793,6 +811,7 @@ class ScepHandler:
         status: PkiStatus,
         *,
         fail_info: FailInfo | None = None,
+        fail_text: str = "",
         envelope: bytes | None = None,
     ) -> HttpResponse:
         """CertRep (RFC 8894 3.3.2): signed by the RA, recipientNonce = the request's
@@ -806,6 +825,7 @@ class ScepHandler:
             recipient_nonce=message.sender_nonce,
             status=status,
             fail_info=fail_info,
+            fail_text=fail_text,
         )
         return HttpResponse(200, PKI_MESSAGE, reply)
 
@@ -815,9 +835,9 @@ def _checked(call: Callable[[], _T]) -> _T:
     try:
         return call()
     except cms.CmsUnsupportedError as exc:
-        raise _RefusalError(FailInfo.BAD_ALG, "bad-alg") from exc
+        raise _RefusalError(FailInfo.BAD_ALG, "bad-alg", exc.detail) from exc
     except cms.MalformedCmsError as exc:
-        raise _RefusalError(FailInfo.BAD_MESSAGE_CHECK, "bad-message-check") from exc
+        raise _RefusalError(FailInfo.BAD_MESSAGE_CHECK, "bad-message-check", exc.detail) from exc
 
 
 def _query(query: str) -> dict[str, str]:
