@@ -31,6 +31,7 @@ from bench.run import capacity
 from bench.run.merge import build_result
 from bench.run.progress import LiveProgress, print_summary
 from bench.run.runner import RunOptions, execute, resolve_workers, write_artifacts
+from bench.serve import command as serve_command
 from bench.suite import load_suite
 
 
@@ -50,6 +51,16 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a profile key"
     )
+    parser.add_argument(
+        "--target",
+        help="the CA to measure: embedded (default), served, est+https://HOST:PORT/.well-known/est,"
+        " est+http://..., scep+http://HOST:PORT/PATH (secrets from target.*_env, never flags)",
+    )
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a target beyond loopback (capped by target.max_rate and target.max_devices)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -65,6 +76,10 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"load.duration={args.duration}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+    if getattr(args, "target", None) is not None:
+        overrides.append(f"target.url={json.dumps(args.target)}")
+    if getattr(args, "allow_remote", False):
+        overrides.append("target.allow_remote=true")
     return overrides
 
 
@@ -128,6 +143,10 @@ def _run(args: argparse.Namespace) -> int:
         output = execute(profile, workers, options, display.update)
     result = build_result(profile, workers, output)
     write_result(out, result)
+    serials = [serial for shard in output.shards for serial in shard.serials]
+    if output.target is not None:
+        # every certificate a wire target issued to this run, for revoking them
+        out.with_suffix(".serials").write_text("".join(f"{n:x}\n" for n in serials))
     if args.artifacts:
         written = write_artifacts(args.artifacts, output.material, output.shards)
         result_note = f"{written} certificates and the chain in {args.artifacts}"
@@ -277,6 +296,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_arguments(commands.add_parser("report", help="figures of a run: HTML and PNG"))
     export.add_arguments(commands.add_parser("export", help="a run as pytest-benchmark JSON"))
+    serve_command.add_arguments(
+        commands.add_parser("serve", help="run the CA as a service: EST (TLS) and SCEP")
+    )
+    serve_command.add_approve_arguments(
+        commands.add_parser("approve", help="list, approve or deny a served CA's pending requests")
+    )
     cap = commands.add_parser("capacity", help="highest open-loop rate that meets an SLO")
     cap.add_argument("profile")
     cap.add_argument("--slo", required=True, help="e.g. p99=200ms (p50, p90, p99, p99.9)")
@@ -303,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gate": gate.command,
         "report": report.command,
         "export": export.command,
+        "serve": serve_command.command,
+        "approve": serve_command.approve_command,
     }
     try:
         code: int = handlers[args.command](args)

@@ -104,6 +104,26 @@ def _make_distribution(value: Any) -> Distribution:
     return Distribution(kind, **numbers)
 
 
+TARGET_SCHEMES = ("est+https", "est+http", "scep+http")
+
+
+def _target_url(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value in ("embedded", "served"):
+        return True
+    scheme, _, rest = value.partition("://")
+    return scheme in TARGET_SCHEMES and bool(rest.split("/", 1)[0])
+
+
+def _env_name(value: Any) -> bool:
+    return isinstance(value, str) and (value == "" or value.replace("_", "A").isalnum())
+
+
+def _path_text(value: Any) -> bool:
+    return isinstance(value, str) and "\0" not in value
+
+
 _KEYS = ", ".join(KEY_SPECS)
 _DIST = "a delay table: kind (fixed, uniform, exponential, lognormal) and its parameters"
 NO_DELAY = {"kind": "fixed", "mean": 0.0}
@@ -270,6 +290,88 @@ SCHEMA: dict[str, dict[str, Rule]] = {
             "a number from 0 to 1",
             _number(0.0, 1.0),
             "how far below issued_fraction the issued share may fall (sampling error)",
+        ),
+    },
+    "serve": {
+        "subject_policy": Rule(
+            "match",
+            "match, directory",
+            _choice("match", "directory"),
+            "served CA: the request's subject must be the user's DN, or the CA writes the DN",
+        ),
+        "approval": Rule(
+            "simulated",
+            "simulated, manual",
+            _choice("simulated", "manual"),
+            "served CA under approval: simulated administrators, or `enrollbench approve`",
+        ),
+    },
+    "target": {
+        "url": Rule(
+            "embedded",
+            "embedded, served, est+https://HOST:PORT/PATH, est+http://..., scep+http://...",
+            _target_url,
+            "the CA the run measures",
+        ),
+        "served_protocol": Rule(
+            "est+https",
+            "est+https, est+http, scep+http",
+            _choice("est+https", "est+http", "scep+http"),
+            "served target: the protocol the devices speak",
+        ),
+        "server_workers": Rule(
+            0,
+            "an integer from 0 to 1024 (0: half the cores, at least 1)",
+            _integer(0, 1024),
+            "served target: the server's worker processes",
+        ),
+        "connection": Rule(
+            "keep-alive",
+            "keep-alive, per-device",
+            _choice("keep-alive", "per-device"),
+            "pooled connections (a gateway) or a new connection per device (a fleet)",
+        ),
+        "timeout": Rule(
+            30.0, "a number from 0.01 to 3600", _number(0.01, 3600), "seconds per HTTP exchange"
+        ),
+        "poll_timeout": Rule(
+            600.0,
+            "a number from 0 to 86400",
+            _number(0.0, 86_400),
+            "seconds a device keeps polling a pending request",
+        ),
+        "allow_remote": Rule(
+            False, "true or false", _boolean, "a target beyond loopback must be allowed here"
+        ),
+        "max_rate": Rule(
+            20.0,
+            "a number from 0.001 to 100000",
+            _number(0.001, 100_000),
+            "a remote target: the highest arrival rate (open loop) or concurrency allowed",
+        ),
+        "max_devices": Rule(
+            1000,
+            "an integer from 1 to 10000000",
+            _integer(1, 10_000_000),
+            "a remote target: the most devices a run may enroll",
+        ),
+        "password_env": Rule(
+            "",
+            "an environment variable name, or empty",
+            _env_name,
+            "every device's password from this variable (else the simulated users' own)",
+        ),
+        "challenge_env": Rule(
+            "",
+            "an environment variable name, or empty",
+            _env_name,
+            "SCEP: the challenge password from this variable (else each user's password)",
+        ),
+        "credentials_file": Rule(
+            "", "a path, or empty", _path_text, "user_id:password lines for the devices"
+        ),
+        "ca_file": Rule(
+            "", "a path, or empty", _path_text, "https targets: the CA certificates to trust"
         ),
     },
     "storage": {

@@ -8,6 +8,7 @@ from typing import Literal
 from engine.identity import User
 from engine.keys import (
     KeySpec,
+    PrivateKey,
     Signer,
     encrypt_private_key,
     generate_private_key,
@@ -115,6 +116,11 @@ class Device:
         if self.profile.request_path == "builder":
             return build_request_with_builder(self._require_signer(), content)
         return self._request_template.build(self._require_signer(), content)
+
+    @property
+    def key(self) -> PrivateKey | None:
+        """The device's private key, when step 1 loaded or made one."""
+        return None if self._signer is None else self._signer.key
 
     def receive_status(self, status: str) -> None:
         """Steps 10-11: status updates from the connection service."""

@@ -27,8 +27,11 @@ from bench.run.runner import RunOutput
 from bench.run.shard import STEPS, ShardResult
 from engine import _der
 from engine.flow import Step
+from engine.wire.flow import ROUND_TRIP_STEPS
 
 GENERATOR_CORE_LIMIT = 0.10  # the generator may not take more than this share of a shard's core
+# Against a wire target the shard is all generator: it limits the run when its cores are near busy.
+WIRE_CORE_LIMIT = 0.80
 # Open loop: a reported latency percentile may be off by the generator's timer error at about
 # the same percentile; above 10% of it, the percentile is not the CA's.
 TIMER_ERROR_LIMIT = 0.10
@@ -174,7 +177,10 @@ def build_result(profile: Profile, workers: int, output: RunOutput) -> dict[str,
         "schema_version": SCHEMA_VERSION,
         "kind": "run",
         "interrupted": output.interrupted,
-        "manifest": manifest(profile, workers, profile.get("", "seed"), output.started_at),
+        "manifest": {
+            **manifest(profile, workers, profile.get("", "seed"), output.started_at),
+            "target": output.target or {"url": "embedded", "kind": "embedded"},
+        },
         "timing": {**{k: round(v, 3) for k, v in timings.items()}, "window_s": round(window, 3)},
         "outcomes": block,
         "workers_died": {str(k): v for k, v in died.items()},
@@ -193,13 +199,23 @@ def build_result(profile: Profile, workers: int, output: RunOutput) -> dict[str,
                 "latency": _summary(histograms, "end_to_end.latency"),
                 "service": _summary(histograms, "end_to_end.service"),
             },
-            "steps": _steps(histograms, precomputed),
+            "steps": _steps(histograms, precomputed, wire=output.target is not None),
+            "step_places": step_places(output.target is not None, precomputed),
+            **(
+                {}
+                if output.server_steps is None
+                else {
+                    "server_steps": {
+                        label: h.summary().as_dict() for label, h in output.server_steps.items()
+                    }
+                }
+            ),
         },
         "cache": {
             key: sum(s.cache.get(key, 0) for s in shards)
             for key in ("hits", "misses", "fetches", "joined")
         },
-        "generator": _generator_block(profile, shards, histograms),
+        "generator": _generator_block(profile, shards, histograms, wire=output.target is not None),
         "memory": {
             "peak_rss_mb_all_processes": round(output.peak_rss_bytes / 2**20, 1),
             "rss_mb_per_second": [round(b / 2**20, 1) for b in output.rss_per_second],
@@ -209,17 +225,42 @@ def build_result(profile: Profile, workers: int, output: RunOutput) -> dict[str,
 
 
 def _steps(
-    histograms: Mapping[str, Histogram], precomputed: Collection[str]
+    histograms: Mapping[str, Histogram], precomputed: Collection[str], *, wire: bool = False
 ) -> dict[str, dict[str, Any]]:
-    """Each step's summary; a step that did no work in this run says so instead of 0 ms."""
+    """Each step's summary; a step that did no work in this run says so instead of 0 ms.
+    Against a wire target the steps the server does inside the round trip have no client
+    time of their own (`step_places` says where they went)."""
     steps: dict[str, dict[str, Any]] = {}
     for step in STEPS:
+        if wire and step in ROUND_TRIP_STEPS:
+            continue
         if step.label in precomputed:
             steps[step.label] = {"precomputed": True}
         elif f"step.{step.label}" in histograms:
             summary = histograms[f"step.{step.label}"].summary().as_dict()
             steps[step.label] = {**summary, "precomputed": False}
     return steps
+
+
+def _per_enrollment(cpu: float, shards: Sequence[ShardResult]) -> float:
+    """The generator's CPU per enrollment started (the device side against a wire target)."""
+    started = sum(s.started for s in shards)
+    return round(cpu / started * 1e6, 1) if started else 0.0
+
+
+def step_places(wire: bool, precomputed: Collection[str]) -> dict[str, str]:
+    """Where each step's time was measured: "in-process" (embedded: the whole flow in the
+    shard), "client" (the generator, against a wire target), "round-trip" (done by the server
+    inside send-request's round trip), or "precomputed" (no work in this run)."""
+    places = {}
+    for step in STEPS:
+        if step.label in precomputed:
+            places[step.label] = "precomputed"
+        elif not wire:
+            places[step.label] = "in-process"
+        else:
+            places[step.label] = "round-trip" if step in ROUND_TRIP_STEPS else "client"
+    return places
 
 
 def _summary(histograms: Mapping[str, Histogram], name: str) -> dict[str, float | int]:
@@ -253,8 +294,14 @@ def _generator_block(
     profile: Profile,
     shards: Sequence[ShardResult],
     histograms: Mapping[str, Histogram],
+    *,
+    wire: bool = False,
 ) -> dict[str, Any]:
     """The generator's own cost and error, measured in the run, and whether it limited it.
+
+    Against a wire target the whole shard is the generator (the devices' side: their crypto,
+    the protocol client, HTTP): it limits the run when it keeps its cores nearly busy
+    (WIRE_CORE_LIMIT), so that its own queueing would show as the CA's latency.
 
     Generator CPU is each shard's process CPU minus the CPU spent inside the engine's
     coroutines (every resumption timed): the event loop, task creation, timers, the
@@ -266,11 +313,9 @@ def _generator_block(
     elapsed = sum(s.elapsed_s for s in shards)
     core_share = generator_cpu / elapsed if elapsed else 0.0
     reasons = []
-    if core_share > GENERATOR_CORE_LIMIT:
-        reasons.append(
-            f"generator used {core_share:.0%} of each shard's core "
-            f"(limit {GENERATOR_CORE_LIMIT:.0%})"
-        )
+    limit = WIRE_CORE_LIMIT if wire else GENERATOR_CORE_LIMIT
+    if core_share > limit:
+        reasons.append(f"generator used {core_share:.0%} of each shard's core (limit {limit:.0%})")
     timer_error = None
     if profile.get("load", "mode") == "open":
         error = histograms.get("timer_error", Histogram()).summary()
@@ -289,6 +334,7 @@ def _generator_block(
         "generator_core_share": round(core_share, 4),
         "shard_cpu_utilization": round(cpu / elapsed if elapsed else 0.0, 3),
         "timer_error": timer_error,
+        **({"client_cpu_us_per_enrollment": _per_enrollment(cpu, shards)} if wire else {}),
         "generator_bound": bool(reasons),
         "reasons": reasons,
     }

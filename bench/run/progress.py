@@ -123,8 +123,14 @@ def print_summary(result: Mapping[str, Any], out: Path, *, quiet: bool, note: st
     latency = result["latency"]
     table.add_row(*_row("end to end (from intended start)", latency["end_to_end"]["latency"]))
     table.add_row(*_row("end to end (service time)", latency["end_to_end"]["service"]))
-    for step, stats in latency["steps"].items():
-        table.add_row(*_row(f"  {step}", stats))
+    places = latency.get("step_places", {})
+    for step in places or latency["steps"]:
+        if places.get(step) == "round-trip":
+            table.add_row(f"  {step}", "-", "in send-request", *("" for _ in _COLUMNS[1:]))
+        elif step in latency["steps"]:
+            table.add_row(*_row(f"  {step}", latency["steps"][step]))
+    for step, stats in latency.get("server_steps", {}).items():
+        table.add_row(*_row(f"  server: {step}", stats))
     console.print(table)
     if outcomes["rejected"] or outcomes["failed"]:
         console.print(f"rejected: {outcomes['rejected']}  failed: {outcomes['failed']}")

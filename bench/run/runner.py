@@ -6,8 +6,10 @@ common start time and is reported separately from the measured window.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,9 +23,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from bench.errors import BenchError
+from bench.histogram import Histogram
 from bench.profile import Profile
 from bench.run.corpus import CorpusSpec, build_corpus, load_keys
 from bench.run.shard import ShardPlan, ShardResult, shard_main
+from bench.run.targets import ServedCA, WireTarget, check_target, parse_target, server_workers
+from bench.serve.metrics import gather
 from engine.approval import ReviewBoard
 from engine.keys import load_private_key
 from engine.system import CAMaterial
@@ -56,6 +61,8 @@ class RunOutput:
     peak_rss_bytes: int
     rss_per_second: list[int]  # bytes, all processes, sampled about once a second
     started_at: str  # UTC, ISO 8601: when the measured run began
+    target: dict[str, Any] | None = None  # the wire target as recorded (None: embedded)
+    server_steps: dict[str, Histogram] | None = None  # a served CA's own per-step times
 
 
 ProgressSink = Callable[[dict[int, dict[str, int]]], None]
@@ -63,8 +70,27 @@ ShardTarget = Callable[[Connection, bool], None]
 
 
 def resolve_workers(profile: Profile, override: int | None) -> int:
+    """Shard processes: as asked, or one per core (a served CA's workers take their share)."""
     requested = override if override is not None else int(profile.get("load", "workers"))
-    return requested or (os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    if profile.get("target", "url") == "served":
+        cores = max(1, cores - server_workers(profile))
+    return requested or cores
+
+
+def resolve_target(profile: Profile) -> WireTarget | None:
+    """The profile's wire target, checked; None for the embedded engine or a served one
+    (which `execute` starts)."""
+    url = str(profile.get("target", "url"))
+    if url in ("embedded", "served"):
+        if url == "served":
+            check_target(
+                profile, parse_target(f"{profile.get('target', 'served_protocol')}://127.0.0.1")
+            )
+        return None
+    target = parse_target(url, str(profile.get("target", "ca_file")))
+    check_target(profile, target)
+    return target
 
 
 def corpus_spec(profile: Profile) -> CorpusSpec | None:
@@ -104,6 +130,7 @@ def _plans(
     corpus: CorpusSpec | None,
     options: RunOptions,
     board: ReviewBoard | None,
+    target: WireTarget | None,
 ) -> list[ShardPlan]:
     devices = int(profile.get("load", "devices"))
     sample = options.artifacts_sample if options.artifacts else 0
@@ -122,6 +149,7 @@ def _plans(
                 corpus=corpus,
                 artifacts_sample=-(-sample // workers),
                 review_board=board,
+                target=target,
             )
         )
     return plans
@@ -253,35 +281,52 @@ def execute(
     workers: int,
     options: RunOptions,
     progress: ProgressSink | None,
-    target: ShardTarget = shard_main,
+    shard_entry: ShardTarget = shard_main,
 ) -> RunOutput:
     """Run a profile across `workers` shards and return what they measured.
 
-    `target` is the shard process's entry point (tests pass one that dies on purpose).
+    `shard_entry` is the shard process's entry point (tests pass one that dies on purpose).
+    A served target is started before the shards and stopped after them.
     """
     began = time.perf_counter()
+    target = resolve_target(profile)
     corpus = corpus_spec(profile)
     _prepare_corpus(corpus)
     material = ca_material(profile)
     corpus_s = time.perf_counter() - began
-    # One pool of administrators for the whole run, whatever the number of shards.
-    board = None
-    if profile.get("approval", "mode") == "administrator":
-        board = ReviewBoard.shared(profile.get("approval", "administrators"))
-    plans = _plans(profile, workers, material, corpus, options, board)
-    fleet = _Fleet(plans, options.use_uvloop, target)
-    try:
-        fleet.wait_ready()
-        startup_s = time.perf_counter() - began - corpus_s
-        start_ns = time.perf_counter_ns() + int(START_DELAY_S * 1e9)
-        started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        fleet.go(start_ns)
-        shards, died, interrupted = fleet.collect(progress)
-    finally:
-        fleet.stop()
-        if board is not None:
-            board.close()
-    # The peak is sampled while the shards run, a few times a second.
+    with contextlib.ExitStack() as stack:
+        served = None
+        if profile.get("target", "url") == "served":
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="enrollbench-ca-"))
+            served = ServedCA(profile, Path(folder) / "state")
+            target = served.start()
+            stack.callback(served.stop)
+        # One pool of administrators for the whole run, whatever the number of shards (a
+        # wire target has its own).
+        board = None
+        if target is None and profile.get("approval", "mode") == "administrator":
+            board = stack.enter_context(
+                ReviewBoard.shared(profile.get("approval", "administrators"))
+            )
+        plans = _plans(profile, workers, material, corpus, options, board, target)
+        fleet = _Fleet(plans, options.use_uvloop, shard_entry)
+        try:
+            fleet.wait_ready()
+            startup_s = time.perf_counter() - began - corpus_s
+            start_ns = time.perf_counter_ns() + int(START_DELAY_S * 1e9)
+            started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            fleet.go(start_ns)
+            shards, died, interrupted = fleet.collect(progress)
+        finally:
+            fleet.stop()
+        recorded = None if target is None else target.describe()
+        server_steps = None
+        if served is not None and recorded is not None:
+            served.stop()
+            recorded["server_workers"] = served.workers
+            recorded["generator_workers"] = workers
+            _, histograms = gather(served.metrics_folder)
+            server_steps = {label: h for (kind, label), h in histograms.items() if kind == "step"}
     timings = {"corpus_s": corpus_s, "startup_s": startup_s}
     return RunOutput(
         shards,
@@ -292,6 +337,8 @@ def execute(
         fleet.peak_rss,
         fleet.rss_per_second,
         started_at,
+        recorded,
+        server_steps,
     )
 
 

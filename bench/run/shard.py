@@ -32,6 +32,7 @@ from bench.profile import Profile
 from bench.run.corpus import CorpusSpec, read_corpus
 from bench.run.pacer import Pacer
 from bench.run.schedule import arrival_offsets, arrivals_until, arrivals_within
+from bench.run.targets import WireSystem, WireTarget
 from engine.approval import ReviewBoard
 from engine.device import DeviceIdentity
 from engine.flow import Outcome, Status, Step
@@ -46,6 +47,7 @@ _SLOTS = 4 + len(STEPS)
 _FINISH = len(STEPS) + 1
 _STARTED = len(STEPS) + 2
 _TIMER_ERROR = len(STEPS) + 3
+_NEVER = np.iinfo(np.int64).max
 TICK_SECONDS = 0.25
 # Open loop: wake this early and spin to the instant (a vCPU takes ~80 µs to wake here), but
 # never more than 5% of the gap between arrivals: the spin is generator CPU.
@@ -64,6 +66,7 @@ class ShardPlan:
     corpus: CorpusSpec | None  # precomputed device crypto: the shard reads its part
     artifacts_sample: int = 0
     review_board: ReviewBoard | None = None  # the run's one pool of administrators
+    target: WireTarget | None = None  # None: the embedded engine; else the CA on the wire
 
 
 @dataclass(slots=True)
@@ -86,6 +89,7 @@ class ShardResult:
     issued_in_window: int
     interrupted: bool
     samples: list[tuple[str, bytes]]
+    serials: list[int] = dataclasses.field(default_factory=list)  # issued by a wire target
 
 
 class _Times:
@@ -159,7 +163,11 @@ class _Collector:
         intended, started = rows[:, 0], rows[:, _STARTED]
         ends, status = rows[:, -2], rows[:, -1]
         self.last_end = max(self.last_end, int(ends.max()))
-        self._count_series(ends, status, rows[:, Step.RETRIEVE])  # the CA's issue ended there
+        # the CA's issue ended where retrieval began (embedded) or the match began (wire)
+        issued_at = np.where(
+            rows[:, Step.RETRIEVE] > 0, rows[:, Step.RETRIEVE], rows[:, Step.MATCH_AND_DELIVER]
+        )
+        self._count_series(ends, status, issued_at)
         in_window = ends >= self.warmup_end
         if self.window_end is not None:
             in_window &= ends <= self.window_end
@@ -170,9 +178,14 @@ class _Collector:
         self._record("end_to_end.latency", (ends - intended)[issued])
         self._record("end_to_end.service", (ends - started)[issued])
         yield
-        for step in STEPS:  # a step ends where the next one starts
-            begin, finish = rows[:, step], rows[:, step + 1]
-            done = measured & (begin > 0) & (finish > 0)
+        # A step ends where the next step the enrollment ran starts (over the wire the steps
+        # run in another order), or where the enrollment ended.
+        boundaries = np.where(rows[:, 1:_STARTED] > 0, rows[:, 1:_STARTED], _NEVER)
+        for step in STEPS:
+            begin = rows[:, step]
+            later = np.where(boundaries > begin[:, None], boundaries, _NEVER)
+            finish = later.min(axis=1)
+            done = measured & (begin > 0) & (finish < _NEVER)
             self._record(f"step.{step.label}", (finish - begin)[done])
             yield
         self._record("timer_error", rows[:, _TIMER_ERROR][measured])
@@ -308,6 +321,14 @@ def engine_system(plan: ShardPlan, directory: str) -> tuple[System, list[DeviceI
     return system, identities
 
 
+def plan_system(plan: ShardPlan, directory: str) -> tuple[System, list[DeviceIdentity]]:
+    """The embedded engine, or the device side against the plan's wire target."""
+    if plan.target is None:
+        return engine_system(plan, directory)
+    system = WireSystem(plan, directory, plan.target)
+    return system, system.identities
+
+
 SystemFactory = Callable[[ShardPlan, str], tuple[System, list[DeviceIdentity]]]
 
 
@@ -315,10 +336,14 @@ class Shard:
     """Runs one shard's share of the load on the current event loop."""
 
     def __init__(
-        self, plan: ShardPlan, directory: str, factory: SystemFactory = engine_system
+        self, plan: ShardPlan, directory: str, factory: SystemFactory = plan_system
     ) -> None:
         self.plan = plan
         self.system, self.identities = factory(plan, directory)
+        # Against a wire target the whole process is the generator: every late send is its
+        # own error, and no CA work runs here to queue behind.
+        self.wire = plan.target is not None
+        self.serials: list[int] = []
         self.stop = False
         self.in_flight = 0
         self.started = 0
@@ -337,8 +362,11 @@ class Shard:
             outcome = await _Metered(self.system.enroll(identity, times), self.engine)
         finally:
             self.in_flight -= 1
-        if outcome.serial is not None and len(self.samples) < self.plan.artifacts_sample:
-            self.samples.append((identity.user_id, outcome.serial))
+        if outcome.serial is not None:
+            if self.wire:
+                self.serials.append(outcome.serial)
+            elif len(self.samples) < self.plan.artifacts_sample:
+                self.samples.append((identity.user_id, outcome.serial))
         return sink.add(times, outcome)
 
     async def closed_loop(
@@ -386,7 +414,9 @@ class Shard:
                 now = await pacer.until(start + int(offsets[n]), min(SPIN_NS, gap // 20))
                 while n < count and start + int(offsets[n]) <= now:
                     intended = start + int(offsets[n])
-                    error = now - intended - self.engine.busy_between(intended, now)
+                    error = now - intended
+                    if not self.wire:
+                        error -= self.engine.busy_between(intended, now)
                     identity = self.identities[n % len(self.identities)]
                     task = asyncio.ensure_future(self.enroll(identity, intended, sink, error))
                     tasks.add(task)
@@ -479,17 +509,19 @@ class Shard:
             cache=self._cache_counts(),
             process_cpu_s=cpu_s,
             elapsed_s=elapsed_s,
-            engine_cpu_s=self.engine.ns / 1e9,
+            engine_cpu_s=0.0 if self.wire else self.engine.ns / 1e9,
             window_ns=sink.window(),
             completed_in_window=sink.completed_in_window,
             issued_in_window=sink.issued_in_window,
             interrupted=interrupted,
             samples=self._sample_certificates(),
+            serials=self.serials,
         )
 
     def _cache_counts(self) -> dict[str, int]:
         connection = getattr(self.system, "connection", None)
-        return {} if connection is None else dataclasses.asdict(connection.cache.counts)
+        cache = getattr(connection or self.system, "cache", None)
+        return {} if cache is None else dataclasses.asdict(cache.counts)
 
     def _sample_certificates(self) -> list[tuple[str, bytes]]:
         if not self.samples:
@@ -507,9 +539,7 @@ def _share(total: int, workers: int, index: int) -> int:
     return total // workers + (1 if index < total % workers else 0)
 
 
-def shard_main(
-    channel: Connection, use_uvloop: bool, factory: SystemFactory = engine_system
-) -> None:
+def shard_main(channel: Connection, use_uvloop: bool, factory: SystemFactory = plan_system) -> None:
     """Entry point of a shard process: its plan arrives first on the channel."""
     plan: ShardPlan = channel.recv()
     with tempfile.TemporaryDirectory(prefix="enrollbench-shard-") as directory:

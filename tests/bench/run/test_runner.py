@@ -121,7 +121,7 @@ def _dying_shard(channel: Connection, use_uvloop: bool) -> None:
 def test_dead_worker_counts_its_devices_as_failed() -> None:
     """A shard that dies leaves its devices failed as WorkerDied; the run still has a result."""
     profile = load_profile("smoke", ["load.devices=100"])
-    output = execute(profile, 2, RunOptions(2), None, target=_dying_shard)
+    output = execute(profile, 2, RunOptions(2), None, shard_entry=_dying_shard)
     result = build_result(profile, 2, output)
     outcomes = result["outcomes"]
     assert outcomes["failed"] == {"WorkerDied": 50}

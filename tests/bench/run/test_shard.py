@@ -108,7 +108,7 @@ def _double_shard(channel: Connection, use_uvloop: bool) -> None:
 
 def _run_double(busy_ns: int, overrides: list[str], workers: int) -> dict[str, Any]:
     profile = load_profile("smoke", [f"description='double busy_ns={busy_ns}'", *overrides])
-    output = execute(profile, workers, RunOptions(workers), None, target=_double_shard)
+    output = execute(profile, workers, RunOptions(workers), None, shard_entry=_double_shard)
     return build_result(profile, workers, output)
 
 

@@ -1,0 +1,425 @@
+"""Where a run's devices enroll: the embedded engine, a served one on loopback, or any CA by URL.
+
+`target.url` (profile) or `--target`: `embedded` (the engine in each shard, the default),
+`served` (`enrollbench serve` on loopback for the run), `est+https://HOST:PORT/.well-known/est`
+(optionally `/LABEL`), `est+http://...`, `scep+http://HOST:PORT/PATH`.
+
+Against a wire target the device side stays here: keys and requests (from the corpus, or live),
+the chain cache (cacerts / GetCACert through it), polling, the public-key match of the returned
+certificate, install. Secrets (passwords, challenges) come from environment variables or files
+named in the profile, never from flags, output or results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import multiprocessing
+import os
+import signal
+import ssl
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import AttributeOID
+
+from bench.errors import UsageError
+from bench.profile import Profile
+from engine.chaincache import ChainCache
+from engine.device import Device, DeviceIdentity, DeviceProfile
+from engine.flow import Outcome, StepRecorder
+from engine.identity import User
+from engine.keys import KeyFamily, PrivateKey, key_spec, load_private_key
+from engine.population import device_identity, simulated_enrollee
+from engine.request import RequestTemplate
+from engine.stores import Database, SqliteDeviceStores
+from engine.wire.est import EstClient
+from engine.wire.flow import enroll_over
+from engine.wire.http import HttpClient, Phases
+from engine.wire.seam import DeviceCredentials, EnrollmentClient, HttpResponse
+
+if TYPE_CHECKING:
+    from bench.run.shard import ShardPlan
+
+Protocol = Literal["est", "scep"]
+
+
+@dataclass(frozen=True, slots=True)
+class WireTarget:
+    """A CA on the wire, as the generator reaches it (no secrets in here: it is recorded)."""
+
+    url: str
+    protocol: Protocol
+    tls: bool
+    host: str
+    port: int
+    path: str
+    served: bool = False  # started by this run (`target.url = "served"`)
+    trust: str = ""  # a CA file to trust for TLS (served: the state's chain)
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    def describe(self) -> dict[str, object]:
+        """What a result records of the target."""
+        return {
+            "url": self.url,
+            "kind": "served" if self.served else "remote",
+            "protocol": self.protocol,
+            "tls": self.tls,
+            "loopback": self.loopback,
+        }
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_target(url: str, trust: str = "", *, served: bool = False) -> WireTarget:
+    """An `est+https://`, `est+http://` or `scep+http://` URL; UsageError naming what is wrong."""
+    scheme, _, _ = url.partition("://")
+    protocol, _, transport = scheme.partition("+")
+    if protocol not in ("est", "scep") or transport not in ("http", "https"):
+        raise UsageError(
+            f"target {url!r}: expected embedded, served, est+https://, est+http:// or scep+http://"
+        )
+    if protocol == "scep" and transport == "https":
+        raise UsageError(f"target {url!r}: SCEP runs over plain HTTP (the message is protected)")
+    parts = urlsplit(url.replace(scheme, transport, 1))
+    if parts.hostname is None:
+        raise UsageError(f"target {url!r}: no host")
+    try:
+        port = parts.port or (443 if transport == "https" else 80)
+    except ValueError as exc:
+        raise UsageError(f"target {url!r}: {exc}") from exc
+    default_path = "/.well-known/est" if protocol == "est" else "/scep"
+    return WireTarget(
+        url,
+        "est" if protocol == "est" else "scep",
+        transport == "https",
+        parts.hostname,
+        port,
+        parts.path.rstrip("/") or default_path,
+        served,
+        trust,
+    )
+
+
+def check_target(profile: Profile, target: WireTarget) -> None:
+    """Refuse what cannot work or is not allowed before anything starts."""
+    family = key_spec(profile.get("device", "key")).family
+    if target.protocol == "scep" and family is not KeyFamily.RSA:
+        raise UsageError(
+            f"SCEP devices need RSA keys (the CA envelopes its reply to the device's key); "
+            f"device.key = {profile.get('device', 'key')!r} cannot enroll over SCEP: choose "
+            f"rsa2048 (e.g. --set device.key='rsa2048')"
+        )
+    if target.loopback:
+        return
+    if not profile.get("target", "allow_remote"):
+        raise UsageError(
+            f"target {target.url}: not on loopback; allow it with --allow-remote "
+            f"(runs against remote CAs are capped by target.max_rate and target.max_devices)"
+        )
+    load = profile.values["load"]
+    cap = float(profile.get("target", "max_rate"))
+    offered = float(load["rate"] if load["mode"] == "open" else load["concurrency"])
+    if offered > cap:
+        raise UsageError(f"remote target: load {offered:g} is above target.max_rate {cap:g}")
+    if int(load["devices"]) > int(profile.get("target", "max_devices")):
+        raise UsageError(
+            f"remote target: {load['devices']} devices is above target.max_devices "
+            f"{profile.get('target', 'max_devices')}"
+        )
+
+
+def client_tls(target: WireTarget) -> ssl.SSLContext | None:
+    if not target.tls:
+        return None
+    context = ssl.create_default_context(cafile=target.trust or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class _Exchange:
+    """`HttpClient.request` with this shard's phase totals (connect, TLS, wait)."""
+
+    def __init__(self, client: HttpClient) -> None:
+        self.client = client
+        self.phases = Phases()
+
+    async def __call__(
+        self,
+        method: str,
+        target: str,
+        headers: tuple[tuple[str, str], ...] = (),
+        body: bytes = b"",
+    ) -> HttpResponse:
+        return await self.client.request(method, target, headers, body, self.phases)
+
+
+class _Precomputed:
+    """A client whose protocol messages were prepared before the clock (SCEP pkiMessages),
+    and whose devices' keys are known (SCEP decrypts the reply with them)."""
+
+    def __init__(
+        self, client: EnrollmentClient, keys: dict[str, PrivateKey], prepared: dict[str, object]
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.prepared = prepared
+
+    async def ca_certificates(self) -> tuple[bytes, ...]:
+        return await self.client.ca_certificates()
+
+    def prepare(self, device: DeviceCredentials, ca: tuple[bytes, ...]) -> object:
+        ready = self.prepared.get(device.device_id)
+        return ready if ready is not None else self.client.prepare(self._keyed(device), ca)
+
+    async def submit(self, device: DeviceCredentials, prepared: object) -> object:
+        return await self.client.submit(self._keyed(device), prepared)
+
+    async def poll(self, device: DeviceCredentials, prepared: object, ticket: object) -> object:
+        return await self.client.poll(self._keyed(device), prepared, ticket)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    def _keyed(self, device: DeviceCredentials) -> DeviceCredentials:
+        key = self.keys.get(device.device_id)
+        return device if key is None else device._replace(key=key)
+
+
+class WireSystem:
+    """A shard's device side against a wire target (the shard's `System`)."""
+
+    def __init__(self, plan: ShardPlan, directory: str, target: WireTarget) -> None:
+        profile = plan.profile
+        self.profile = profile
+        self.target = target
+        seed = profile.get("", "seed")
+        config = profile.engine_config()
+        self._poll_timeout = float(profile.get("target", "poll_timeout"))
+        self._database = Database(Path(directory) / f"devices{plan.index}.sqlite")
+        self._stores = SqliteDeviceStores(self._database)
+        spec = key_spec(config.device_key)
+        self._device_profile = DeviceProfile(
+            spec, config.hash_name, config.key_protection, config.request_path
+        )
+        self._template = RequestTemplate(spec.family)
+        enrollees = [simulated_enrollee(i, seed) for i in plan.device_indices]
+        self.users = {e.user.user_id: e.user for e in enrollees}
+        passwords = _passwords(profile, {e.user.user_id: e.password for e in enrollees})
+        corpus = _corpus(plan)
+        self.identities: list[DeviceIdentity] = []
+        for n, enrollee in enumerate(enrollees):
+            crypto = corpus[n] if corpus is not None else (None, None, None)
+            identity = device_identity(enrollee, config.profile_id, *crypto)
+            self.identities.append(replace(identity, password=passwords[identity.user_id]))
+        self.cache = ChainCache(config.chain_cache_ttl, time.monotonic)
+        self._clients: list[HttpClient] = []
+        keep_alive = profile.get("target", "connection") == "keep-alive"
+        self.exchange = _Exchange(self._http(keep_alive=keep_alive))
+        self.client = self._client(self.exchange)
+        if target.protocol == "scep":
+            self.client = self._scep_ready(self.client, profile)
+
+    def _http(self, *, keep_alive: bool) -> HttpClient:
+        client = HttpClient(
+            self.target.host,
+            self.target.port,
+            ssl=client_tls(self.target),
+            keep_alive=keep_alive,
+            timeout=float(self.profile.get("target", "timeout")),
+        )
+        self._clients.append(client)
+        return client
+
+    def _client(self, exchange: _Exchange) -> EnrollmentClient:
+        if self.target.protocol == "est":
+            return EstClient(exchange, self.target.path)
+        from engine.wire.scep import ScepClient  # noqa: PLC0415 (loaded for SCEP targets only)
+
+        client: EnrollmentClient = ScepClient(exchange, self.target.path)
+        return client
+
+    def _scep_ready(self, client: EnrollmentClient, profile: Profile) -> EnrollmentClient:
+        """SCEP: each device's request carries its challenge; with precomputed crypto the
+        requests and pkiMessages are made here, before the clock (GetCACert first)."""
+        challenge = _secret_env(profile.get("target", "challenge_env"))
+        keys: dict[str, PrivateKey] = {}
+        prepared: dict[str, object] = {}
+        precomputed = profile.get("device", "crypto") == "precomputed"
+        setup_client = HttpClient(self.target.host, self.target.port, ssl=client_tls(self.target))
+        setup = self._client(_Exchange(setup_client))
+
+        async def fetch() -> tuple[bytes, ...]:
+            try:
+                return await setup.ca_certificates()
+            finally:
+                await setup_client.close()
+
+        ca = asyncio.run(fetch()) if precomputed else ()
+        for n, identity in enumerate(self.identities):
+            if identity.key_der is None:
+                continue  # live keys: the request is built on the clock
+            key = load_private_key(identity.key_der)
+            keys[identity.device_id] = key
+            user = self.users[identity.user_id]
+            request = scep_request(key, user, challenge or identity.password)
+            self.identities[n] = replace(identity, request_der=request)
+            if precomputed:
+                credentials = DeviceCredentials(
+                    identity.device_id, identity.user_id, identity.password, key, request
+                )
+                prepared[identity.device_id] = client.prepare(credentials, ca)
+        return _Precomputed(client, keys, prepared)  # type: ignore[return-value]
+
+    @property
+    def approvals_pending(self) -> int:
+        return 0  # the server's queue: scrape its metrics
+
+    @property
+    def approvals_pending_in_run(self) -> int:
+        return 0
+
+    async def enroll(self, identity: DeviceIdentity, recorder: StepRecorder) -> Outcome:
+        device = Device(identity, self._device_profile, self._template, self._stores, self._stores)
+        return await enroll_over(
+            device,
+            self.users[identity.user_id],
+            self.client,
+            self.cache,
+            self.target.url,
+            recorder,
+            poll_timeout=self._poll_timeout,
+        )
+
+    def close(self) -> None:
+        self._database.close()
+
+
+def scep_request(key: PrivateKey, user: User, challenge: str) -> bytes:
+    """A PKCS #10 request with the user's DN and names and a challengePassword (RFC 8894
+    3.3.1; RFC 2985 5.4.1), signed with the device's RSA key."""
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise UsageError("SCEP devices need RSA keys")
+    builder = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name.from_rfc4514_string(user.dn.text))
+        .add_attribute(AttributeOID.CHALLENGE_PASSWORD, challenge.encode())
+    )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def _corpus(plan: ShardPlan) -> list[tuple[bytes, bytes, bytes]] | None:
+    from bench.run.corpus import read_corpus  # noqa: PLC0415 (the shard's own import cycle)
+
+    return None if plan.corpus is None else read_corpus(plan.corpus, plan.device_indices)
+
+
+def _secret_env(name: str) -> str:
+    if not name:
+        return ""
+    value = os.environ.get(name)
+    if value is None:
+        raise UsageError(f"the environment variable {name} (a secret the profile names) is unset")
+    return value
+
+
+def _passwords(profile: Profile, simulated: dict[str, str]) -> dict[str, str]:
+    """Each device's password: one for all from an environment variable, per user from a
+    credentials file, or the simulated users' own."""
+    shared = _secret_env(profile.get("target", "password_env"))
+    if shared:
+        return dict.fromkeys(simulated, shared)
+    path = profile.get("target", "credentials_file")
+    if not path:
+        return simulated
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(f"target.credentials_file {path}: {exc.strerror}") from exc
+    found = dict(line.split(":", 1) for line in lines if ":" in line)
+    return {user: found.get(user, password) for user, password in simulated.items()}
+
+
+def server_workers(profile: Profile) -> int:
+    """A served target's worker processes: the profile's, or half the cores (at least 1)."""
+    return int(profile.get("target", "server_workers")) or max(1, (os.cpu_count() or 1) // 2)
+
+
+def _serve_main(profile: Profile, folder: Path, workers: int, protocol: str) -> None:
+    """The served CA's parent process (spawned; it spawns the workers): the port of the
+    protocol the run speaks, on loopback, on a free port."""
+    from bench.serve.command import Server  # noqa: PLC0415 (only the served target needs it)
+    from bench.serve.state import prepare_state  # noqa: PLC0415
+
+    state = prepare_state(folder, profile)
+    scep = ("127.0.0.1", 0) if protocol.startswith("scep") else None
+    server = Server(
+        profile, state, ("127.0.0.1", 0), scep, workers, plain_http=protocol == "est+http"
+    )
+    raise SystemExit(server.run())
+
+
+class ServedCA:
+    """`enrollbench serve` on loopback for the length of one run, in a state folder of its own."""
+
+    READY_TIMEOUT_S = 180.0
+
+    def __init__(self, profile: Profile, folder: Path) -> None:
+        self.profile = profile
+        self.folder = folder
+        self.workers = server_workers(profile)
+        self.protocol = str(profile.get("target", "served_protocol"))
+        context = multiprocessing.get_context("spawn")
+        self.process = context.Process(
+            target=_serve_main,
+            args=(profile, folder, self.workers, self.protocol),
+            name="enrollbench-served-ca",
+        )
+
+    def start(self) -> WireTarget:
+        """Start the server; return the target its devices enroll at."""
+        self.process.start()
+        listening = self.folder / "serve.json"
+        deadline = time.monotonic() + self.READY_TIMEOUT_S
+        while not listening.exists():
+            if not self.process.is_alive():
+                raise UsageError(f"the served CA did not start (exit {self.process.exitcode})")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise UsageError("the served CA did not start in time")
+            time.sleep(0.05)
+        urls = json.loads(listening.read_text())
+        scheme, _, _ = self.protocol.partition("+")
+        url = urls["scep"] if scheme == "scep" else urls["est"]
+        wire = f"{self.protocol}://{url.partition('://')[2]}"
+        return parse_target(wire, str(self.folder / "ca" / "chain.pem"), served=True)
+
+    def stop(self) -> None:
+        """SIGTERM: the server finishes its requests in flight and exits."""
+        if self.process.is_alive() and self.process.pid is not None:
+            os.kill(self.process.pid, signal.SIGTERM)
+        self.process.join(60)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+    @property
+    def metrics_folder(self) -> Path:
+        return self.folder / "metrics"

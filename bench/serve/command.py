@@ -1,0 +1,265 @@
+"""`enrollbench serve` and `enrollbench approve`: run the CA service; decide pending requests.
+
+serve: prepares the state folder, holds the ports (bound without listening, so the kernel never
+hands it a connection), starts N workers that each listen on them with SO_REUSEPORT, writes
+`serve.json` when every worker is ready, restarts a worker that dies, and on SIGINT/SIGTERM
+asks every worker to finish its requests in flight and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from bench.errors import UsageError
+from bench.profile import Profile, load_profile
+from bench.serve.state import BringYourOwnCA, ServerState, prepare_state
+from bench.serve.worker import WorkerPlan, listening_socket, worker_main
+from engine.approval import ReviewBoard
+from engine.service import SharedCAService, SubjectPolicy
+
+READY_TIMEOUT_S = 120.0
+DEFAULT_EST = "127.0.0.1:8443"
+DEFAULT_SCEP = "127.0.0.1:8080"
+# A worker that dies is restarted, but not in a loop: this many restarts end the server.
+MAX_RESTARTS = 10
+
+
+def default_state(profile_name: str) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "enrollbench" / f"serve-{profile_name}"
+
+
+def parse_address(text: str, flag: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 in brackets) with a port from 0 to 65535."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"{flag} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8443")
+    return host, int(port)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("profile", help="a shipped profile name or a .toml path")
+    parser.add_argument("--listen", default=DEFAULT_EST, help="EST address (HOST:PORT; 0: any)")
+    parser.add_argument(
+        "--scep-listen", default=DEFAULT_SCEP, help="SCEP address (plain HTTP); 'off' for none"
+    )
+    parser.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    parser.add_argument("--state", type=Path, help="state folder (default under XDG_STATE_HOME)")
+    parser.add_argument(
+        "--plain-http", action="store_true", help="serve EST without TLS (est+http://)"
+    )
+    parser.add_argument(
+        "--ca-cert",
+        type=Path,
+        action="append",
+        default=[],
+        help="bring your own CA: a PEM/DER certificate (repeat, issuing CA last)",
+    )
+    parser.add_argument("--ca-key", type=Path, help="bring your own CA: its PEM key")
+    parser.add_argument(
+        "--ca-p12",
+        type=Path,
+        help="bring your own CA as PKCS #12 (password in $ENROLLBENCH_CA_PASSWORD)",
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+
+def command(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile, list(args.set))
+    workers = args.workers or os.cpu_count() or 1
+    if workers < 1:
+        raise UsageError("--workers must be at least 1")
+    est = parse_address(args.listen, "--listen")
+    scep = None if args.scep_listen == "off" else parse_address(args.scep_listen, "--scep-listen")
+    own = None
+    if args.ca_cert or args.ca_key or args.ca_p12:
+        own = BringYourOwnCA(tuple(args.ca_cert), args.ca_key, args.ca_p12)
+    state = prepare_state(args.state or default_state(profile.name), profile, own)
+    server = Server(profile, state, est, scep, workers, plain_http=args.plain_http)
+    return server.run()
+
+
+class Server:
+    """The parent process: ports held, workers started and watched, a clean stop."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        state: ServerState,
+        est: tuple[str, int],
+        scep: tuple[str, int] | None,
+        workers: int,
+        *,
+        plain_http: bool,
+    ) -> None:
+        self.profile = profile
+        self.state = state
+        self.workers = workers
+        self.plain_http = plain_http
+        self.holders = [listening_socket(est, listen=False)]
+        if scep is not None:
+            self.holders.append(listening_socket(scep, listen=False))
+        self.est = self._bound(0)
+        self.scep = self._bound(1) if scep is not None else None
+        self.stopping = False
+        self.board: ReviewBoard | None = None
+        approval = profile.get("approval", "mode") == "administrator"
+        self.manual = approval and profile.get("serve", "approval") == "manual"
+        if approval and not self.manual:
+            self.board = ReviewBoard.shared(profile.get("approval", "administrators"), state.folder)
+
+    def _bound(self, n: int) -> tuple[str, int]:
+        host, port = self.holders[n].getsockname()[:2]
+        return str(host), int(port)
+
+    def plan(self, index: int) -> WorkerPlan:
+        return WorkerPlan(
+            index,
+            self.state.folder,
+            self.profile,
+            self.est,
+            self.scep,
+            self.plain_http,
+            SubjectPolicy(self.profile.get("serve", "subject_policy")),
+            self.manual,
+            self.board,
+        )
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        context = multiprocessing.get_context("spawn")
+        with tempfile.TemporaryDirectory(prefix="enrollbench-serve-") as scratch:
+            processes = {i: self._start(context, i, Path(scratch)) for i in range(self.workers)}
+            self._wait_ready(processes, Path(scratch))
+            self._announce()
+            restarts = 0
+            while not self.stopping:
+                time.sleep(0.2)
+                for index, process in list(processes.items()):
+                    if process.is_alive() or self.stopping:
+                        continue
+                    restarts += 1
+                    print(
+                        f"enrollbench serve: worker {index} exited ({process.exitcode}); "
+                        f"restarting it ({restarts}/{MAX_RESTARTS})",
+                        file=sys.stderr,
+                    )
+                    if restarts > MAX_RESTARTS:
+                        self.stopping = True
+                        break
+                    processes[index] = self._start(context, index, Path(scratch))
+            for process in processes.values():
+                if process.is_alive() and process.pid is not None:
+                    os.kill(process.pid, signal.SIGTERM)
+            for process in processes.values():
+                process.join(30)
+                if process.is_alive():
+                    process.kill()
+        self.state.listening.unlink(missing_ok=True)
+        if self.board is not None:
+            self.board.close()
+        for holder in self.holders:
+            holder.close()
+        return 0 if restarts <= MAX_RESTARTS else 1
+
+    def _stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def _start(self, context: Any, index: int, scratch: Path) -> BaseProcess:
+        ready = scratch / f"ready-{index}"
+        ready.unlink(missing_ok=True)
+        process: BaseProcess = context.Process(
+            target=worker_main, args=(self.plan(index), ready), name=f"enrollbench-serve-{index}"
+        )
+        process.start()
+        return process
+
+    def _wait_ready(self, processes: dict[int, BaseProcess], scratch: Path) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not all((scratch / f"ready-{i}").exists() for i in processes):
+            for index, process in processes.items():
+                if not process.is_alive():
+                    raise UsageError(f"serve: worker {index} failed to start ({process.exitcode})")
+            if time.monotonic() > deadline or self.stopping:
+                raise UsageError("serve: the workers did not start in time")
+            time.sleep(0.02)
+
+    def _announce(self) -> None:
+        scheme = "http" if self.plain_http else "https"
+        host, port = self.est
+        urls = {"est": f"{scheme}://{_host(host)}:{port}/.well-known/est"}
+        if self.scep is not None:
+            urls["scep"] = f"http://{_host(self.scep[0])}:{self.scep[1]}/scep"
+        listening = {
+            **urls,
+            "pid": os.getpid(),
+            "workers": self.workers,
+            "plain_http": self.plain_http,
+            "ca_chain": str(self.state.chain_pem),
+            "credentials": str(self.state.credentials),
+            "scep_ra_sha256": self.state.ra_fingerprint(),
+        }
+        scratch = self.state.listening.with_suffix(".tmp")
+        scratch.write_text(json.dumps(listening, indent=1))
+        os.replace(scratch, self.state.listening)
+        print(
+            f"enrollbench serve: {self.profile.name} with {self.workers} workers\n"
+            f"  EST   {urls['est']}\n"
+            + (f"  SCEP  {urls['scep']}\n" if "scep" in urls else "")
+            + f"  health and metrics: /health, /metrics on each port\n"
+            f"  CA chain     {self.state.chain_pem}\n"
+            f"  credentials  {self.state.credentials}\n"
+            f"  SCEP RA SHA-256 {listening['scep_ra_sha256']}\n"
+            f"  state        {self.state.folder}",
+            flush=True,
+        )
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def add_approve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("profile", help="the profile the server runs")
+    parser.add_argument("--state", type=Path, help="the server's state folder")
+    parser.add_argument("transactions", nargs="*", help="transaction IDs to decide (none: list)")
+    parser.add_argument("--deny", action="store_true", help="deny instead of approve")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+
+def approve_command(args: argparse.Namespace) -> int:
+    """List pending requests, or approve (or deny) the ones named, in the server's store."""
+    profile = load_profile(args.profile, list(args.set))
+    state = ServerState(args.state or default_state(profile.name))
+    if not state.store.exists():
+        raise UsageError(f"no server state in {state.folder}")
+    service = SharedCAService(profile.engine_config(), state.material(), state.store, manual=True)
+    try:
+        return _decide(service, args.transactions, approve=not args.deny)
+    finally:
+        service.close()
+
+
+def _decide(service: SharedCAService, transactions: Sequence[str], *, approve: bool) -> int:
+    if not transactions:
+        for transaction, user, since in service.pending():
+            waited = time.time() - since
+            print(f"{transaction}  {user}  waiting {waited:.0f} s")
+        return 0
+    missing = [t for t in transactions if not service.decide(t, approve)]
+    for transaction in missing:
+        print(f"enrollbench: {transaction}: no such pending request", file=sys.stderr)
+    return 2 if missing else 0

@@ -1,0 +1,205 @@
+"""One worker process of `enrollbench serve`: its own event loop (uvloop) and service handle,
+its own listening sockets on the shared ports (SO_REUSEPORT), EST and SCEP handlers, metrics.
+
+Every worker is the same; the kernel spreads connections over them. Their state is shared
+through the state folder (the store, the administrators' board, the metrics snapshots).
+SIGTERM or SIGINT: stop accepting, finish the requests in flight, write the metrics, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.profile import Profile
+from bench.serve.metrics import Metrics, render
+from bench.serve.state import ServerState
+from engine.approval import ReviewBoard
+from engine.flow import Step
+from engine.service import SharedCAService, SubjectPolicy
+from engine.wire.est import EstHandler
+from engine.wire.http import HttpServer
+from engine.wire.seam import Handler, HttpRequest, HttpResponse
+
+METRICS_SECONDS = 1.0
+STOP_GRACE_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPlan:
+    """What one worker needs (pickled to a spawned process)."""
+
+    index: int
+    state: Path
+    profile: Profile
+    est_address: tuple[str, int] | None
+    scep_address: tuple[str, int] | None
+    plain_http: bool
+    subject_policy: SubjectPolicy
+    manual: bool
+    board: ReviewBoard | None
+
+
+def listening_socket(address: tuple[str, int], *, listen: bool) -> socket.socket:
+    """A TCP socket bound with SO_REUSEPORT; the parent binds one without listening to hold
+    the port (a socket that does not listen gets no connections), each worker one that does."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    if listen:
+        sock.listen(1024)
+        sock.setblocking(False)
+    return sock
+
+
+def tls_context(state: ServerState) -> ssl.SSLContext:
+    """TLS 1.3 with the state's server certificate; a client certificate is asked for, not
+    required (simplereenroll is authenticated by one, simpleenroll by a password)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    certificate, key = state.tls_files()
+    context.load_cert_chain(certificate, key)
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.load_verify_locations(state.chain_pem)
+    return context
+
+
+class Worker:
+    """The handlers of one worker, with its metrics around them."""
+
+    def __init__(self, plan: WorkerPlan) -> None:
+        self.plan = plan
+        self.state = ServerState(plan.state)
+        self.metrics = Metrics(self.state.metrics, plan.index)
+        config = plan.profile.engine_config()
+        self.service = SharedCAService(
+            config,
+            self.state.material(),
+            self.state.store,
+            review_board=plan.board,
+            subject_policy=plan.subject_policy,
+            manual=plan.manual,
+            observe=self._observe_step,
+        )
+        self.est: Handler = EstHandler(self.service, count=self._counter("est"))
+        self.scep: Handler | None = None
+        if plan.scep_address is not None:
+            from engine.wire.scep import ScepHandler  # noqa: PLC0415 (only with a SCEP port)
+
+            ra_certificate, ra_key = self.state.ra()
+            self.scep = ScepHandler(
+                self.service, ra_certificate, ra_key, count=self._counter("scep")
+            )
+        self.servers: list[HttpServer] = []
+
+    def _observe_step(self, step: Step, nanoseconds: int) -> None:
+        self.metrics.observe("step", step.label, nanoseconds)
+
+    def _counter(self, protocol: str) -> Callable[[str], None]:
+        def count(kind: str) -> None:
+            self.metrics.count("refused", protocol=protocol, kind=kind)
+
+        return count
+
+    def routes(self, protocol: str) -> Handler:
+        """The handler of one port: its protocol, plus /health and /metrics."""
+        handler = self.est if protocol == "est" or self.scep is None else self.scep
+
+        async def route(request: HttpRequest) -> HttpResponse:
+            began = time.perf_counter_ns()
+            if request.path == "/health":
+                answer = HttpResponse(200, "application/json", b'{"status":"ok"}')
+            elif request.path == "/metrics":
+                answer = HttpResponse(200, "text/plain; version=0.0.4", self.exposition())
+            else:
+                answer = await handler(request)
+            self.metrics.count("requests", protocol=protocol, status=str(answer.status))
+            self.metrics.observe("request", protocol, time.perf_counter_ns() - began)
+            return answer
+
+        return route
+
+    def exposition(self) -> bytes:
+        counts = self.service.counts()
+        gauges = {
+            "approvals_pending": float(counts.get("pending", 0)),
+            "certificates_published": float(counts.get("published", 0)),
+            "workers_reporting": float(len(list(self.state.metrics.glob("worker-*.json")))),
+        }
+        return render(self.state.metrics, gauges).encode()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        plan = self.plan
+        server_tls = None if plan.plain_http else tls_context(self.state)
+        ports = [("est", plan.est_address, server_tls), ("scep", plan.scep_address, None)]
+        for protocol, address, context in ports:
+            if address is None:
+                continue
+            sock = listening_socket(address, listen=True)
+            self.servers.append(
+                await HttpServer.start(
+                    self.routes(protocol),
+                    sock,
+                    ssl=context,
+                    count=self._counter(protocol),
+                )
+            )
+        flusher = asyncio.get_running_loop().create_task(self._flush_metrics())
+        self.metrics.flush()
+        await stop.wait()
+        await asyncio.gather(*(s.stop(STOP_GRACE_SECONDS) for s in self.servers))
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        self.metrics.flush()
+        self.service.close()
+
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_SECONDS)
+            self.metrics.flush()
+
+
+def worker_main(plan: WorkerPlan, ready: Path) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGINT as SIGTERM
+    loop = _new_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    worker = Worker(plan)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(worker.run(stop))
+        while not worker.servers or len(worker.servers) < _ports(plan):
+            if task.done():
+                break
+            await asyncio.sleep(0.01)
+        ready.write_text(json.dumps({"worker": plan.index}))
+        await task
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def _ports(plan: WorkerPlan) -> int:
+    return (plan.est_address is not None) + (plan.scep_address is not None)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop  # noqa: PLC0415 (optional: not on every platform)
+    except ImportError:  # pragma: no cover
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
