@@ -151,7 +151,9 @@ class _ServerConnection(asyncio.Protocol):
         self._in_head = False  # ... and its head is not complete
         self._started = 0.0  # loop time the current request began
         self._idle_since = 0.0
-        self._head_bytes = 0
+        self._messages = 0  # requests begun on this connection
+        self._head_bytes = 0  # the current head's size, as the parser's callbacks report it
+        self._head_raw = 0  # ... as counted from reads that held nothing but that head
         self._body_bytes = 0
         self._url = b""
         self._headers: dict[str, str] = {}
@@ -204,7 +206,7 @@ class _ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused or self._last:
             return  # refused (draining input until close) or past an upgrade request
-        head_open = self._in_head
+        head_open, message = self._in_head, self._messages
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -218,10 +220,11 @@ class _ServerConnection(asyncio.Protocol):
             logger.error("HTTP connection dropped on %s", type(exc).__name__)
             self._abort()
             return
-        if head_open and self._in_head and not self._refused:
-            # a header still being accumulated inside httptools is not yet counted
-            self._head_bytes += len(data)
-            if self._head_bytes > self._limits.max_head:
+        if head_open and self._in_head and message == self._messages and not self._refused:
+            # the whole read was one head's: a header httptools still accumulates is not
+            # counted by the callbacks yet (a head in tiny reads must not be counted twice)
+            self._head_raw += len(data)
+            if self._head_raw > self._limits.max_head:
                 self._refuse(431, "head-too-large")
 
     # -- parser callbacks ---------------------------------------------------------------------
@@ -229,7 +232,8 @@ class _ServerConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._in_message = self._in_head = True
         self._started = self._loop.time()
-        self._head_bytes = self._body_bytes = 0
+        self._messages += 1
+        self._head_bytes = self._head_raw = self._body_bytes = 0
         self._url = b""
         self._headers = {}
         self._body = []
@@ -497,7 +501,11 @@ class HttpServer:
             await asyncio.sleep(period)
             now = self.loop.time()
             for connection in list(self.connections):
-                connection.check(now)
+                try:
+                    connection.check(now)
+                except Exception as exc:  # a failing count() must not end all timeouts
+                    logger.error("HTTP timeout check failed on %s", type(exc).__name__)
+                    connection.abort()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish (up to `grace` s), then close all."""

@@ -421,6 +421,24 @@ def test_head_over_limit_is_431(run: Run[Any], head: bytes) -> None:
     assert counts == ["head-too-large"]
 
 
+def test_head_under_limit_in_tiny_reads_is_served(run: Run[Any]) -> None:
+    """A head under max_head that arrives a few bytes at a time is not mistaken for a big one."""
+    head = b"GET / HTTP/1.1\r\nX-Pad: " + b"p" * 1400 + b"\r\nConnection: close\r\n\r\n"
+
+    async def scenario() -> bytes:
+        async with serving(limits=HttpLimits(max_head=2048)) as served:
+            reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+            for start in range(0, len(head), 40):
+                writer.write(head[start : start + 40])
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            answer = await reader.read(-1)
+            writer.close()
+            return answer
+
+    assert statuses(run(scenario())) == [200]
+
+
 def test_body_over_limit_refused_on_content_length(run: Run[Any]) -> None:
     """A Content-Length over max_body gets 413 before any of the body is sent."""
     handled: list[HttpRequest] = []
