@@ -179,8 +179,30 @@ def _children(data: bytes, element: _Element, depth: int) -> list[_Element]:
     tag, offset, start, end, _ = element
     if not tag & 0x20:
         raise MalformedCmsError(f"expected a constructed element, found tag 0x{tag:02x}", offset)
+    if depth >= _MAX_DEPTH:
+        raise MalformedCmsError("elements nested too deeply", offset)
     found = []
     while start < end:
+        # Inline the common case (a one-byte tag, a definite length below 64 KiB): a call to
+        # _read per child costs as much as the rest of a SignedData walk.
+        child_tag = data[start]
+        first = data[start + 1] if start + 1 < end else 0x80
+        if child_tag and child_tag & 0x1F != 0x1F and first != 0x80:
+            if first < 0x80:
+                content = start + 2
+                stop = content + first
+            elif first == 0x81 and start + 2 < end:
+                content = start + 3
+                stop = content + data[start + 2]
+            elif first == 0x82 and start + 3 < end:
+                content = start + 4
+                stop = content + (data[start + 2] << 8 | data[start + 3])
+            else:
+                content = stop = end + 1  # not inline: _read decides
+            if stop <= end:
+                found.append((child_tag, start, content, stop, stop))
+                start = stop
+                continue
         child = _read(data, start, end, depth + 1)
         if child[0] == 0:
             raise MalformedCmsError("unexpected end-of-contents octets", start)

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.x509.oid import AttributeOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -930,3 +930,11 @@ def test_benchmark_client_reads_cert_rep(benchmark: BenchmarkFixture) -> None:
     answer = _drive(handler.pki_operation(prepared.message)).body
     ticket = benchmark(scep.read_cert_rep, prepared, answer, prepared.sender_nonce)
     assert ticket.status is TicketStatus.ISSUED
+
+
+def test_benchmark_rsa_private_operation(benchmark: BenchmarkFixture) -> None:
+    """The yardstick: one raw RSA-2048 PKCS #1 v1.5 signature (SCEP's unavoidable cost is two
+    private operations per side and enrollment)."""
+    key = wire_key("rsa2048-ra")
+    signature = benchmark(key.sign, b"yardstick", padding.PKCS1v15(), hashes.SHA256())
+    assert len(signature) == 256
