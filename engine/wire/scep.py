@@ -72,6 +72,7 @@ CHALLENGE_PASSWORD = _der.encode_oid("1.2.840.113549.1.9.7")  # PKCS #9 (RFC 298
 _PRINTABLE_STRING = 0x13
 _STRING_TAGS = (_PRINTABLE_STRING, _der.UTF8_STRING, 0x16, 0x14)  # + IA5String, T61String
 _NONCE_SIZE = 16
+_MAX_SIGNERS = 16384  # signer certificates a client keeps (about 1 KiB each)
 CA_RA_CERT = "application/x-x509-ca-ra-cert"
 CA_CERT = "application/x-x509-ca-cert"
 PKI_MESSAGE = "application/x-pki-message"
@@ -452,6 +453,9 @@ class ScepClient:
         self._poll_interval = poll_interval
         self._cipher = cipher
         self._capabilities: frozenset[str] | None = None
+        # Each device key's signer certificate, made once as a device keeps its own: an RSA
+        # signature saved per enrollment when a device enrolls again with the same key.
+        self._signers: dict[bytes, tuple[float, bytes]] = {}
 
     async def capabilities(self) -> frozenset[str]:
         """GetCACaps (RFC 8894 3.5.2), lower-cased, fetched once per client; a server that
@@ -503,7 +507,7 @@ class ScepClient:
         slices = split_request(device.request_der)
         subject, spki = slices[1], slices[2]
         if certificate is None:
-            certificate = self_signed_certificate(key, subject, spki)
+            certificate = self._signer_certificate(key, subject, spki)
             kind = MessageType.PKCS_REQ
         else:
             kind = MessageType.RENEWAL_REQ
@@ -527,6 +531,19 @@ class ScepClient:
             message, kind, transaction_id, nonce, signer, key, recipient, tuple(ca),
             encode_issuer_and_subject(issuer, subject), spki, cipher,
         )  # fmt: skip
+
+    def _signer_certificate(self, key: rsa.RSAPrivateKey, subject: bytes, spki: bytes) -> bytes:
+        """The device's self-signed certificate for this key and subject, remade after a day
+        (it is valid for a week) and forgotten beyond `_MAX_SIGNERS` devices."""
+        now = time.monotonic()
+        cached = self._signers.get(spki + subject)
+        if cached is not None and now - cached[0] < 86400:
+            return cached[1]
+        if len(self._signers) >= _MAX_SIGNERS:
+            self._signers.clear()
+        certificate = self_signed_certificate(key, subject, spki)
+        self._signers[spki + subject] = (now, certificate)
+        return certificate
 
     def _cipher_for(self, capabilities: frozenset[str] | None) -> str:
         """The configured cipher if the server offers it (or offered nothing yet), else AES-128,

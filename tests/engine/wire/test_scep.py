@@ -907,11 +907,32 @@ def _benchmark_setup() -> tuple[scep.ScepClient, scep.ScepHandler, DeviceCredent
 
 
 def test_benchmark_client_prepare(benchmark: BenchmarkFixture) -> None:
-    """Client CPU to build a PKCSReq: self-signed certificate, envelope, signature."""
+    """Client CPU to build a device's first PKCSReq: self-signed certificate, envelope,
+    signature."""
+    _, handler, device = _benchmark_setup()
+    ca = (ca_der(), ra_der())
+
+    def fresh_client() -> tuple[
+        tuple[scep.ScepClient, DeviceCredentials, tuple[bytes, ...]], dict[str, object]
+    ]:
+        client = scep.ScepClient(in_process(handler))
+        _drive(client.capabilities())
+        return (client, device, ca), {}
+
+    prepared = benchmark.pedantic(  # type: ignore[no-untyped-call]
+        lambda client, device, ca: client.prepare(device, ca), setup=fresh_client, rounds=300
+    )
+    assert prepared.message_type is scep.MessageType.PKCS_REQ
+
+
+def test_benchmark_client_prepare_again(benchmark: BenchmarkFixture) -> None:
+    """Client CPU for a PKCSReq of a device that enrolled before (its signer certificate kept)."""
     client, _, device = _benchmark_setup()
     ca = (ca_der(), ra_der())
+    first = client.prepare(device, ca)
     prepared = benchmark(client.prepare, device, ca)
-    assert prepared.message_type is scep.MessageType.PKCS_REQ
+    assert prepared.signer.certificate == first.signer.certificate
+    assert prepared.sender_nonce != first.sender_nonce
 
 
 def test_benchmark_server_pki_operation(benchmark: BenchmarkFixture) -> None:
