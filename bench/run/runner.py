@@ -27,7 +27,14 @@ from bench.histogram import Histogram
 from bench.profile import Profile
 from bench.run.corpus import CorpusSpec, build_corpus, load_keys
 from bench.run.shard import ShardPlan, ShardResult, shard_main
-from bench.run.targets import ServedCA, WireTarget, check_target, parse_target, server_workers
+from bench.run.targets import (
+    ServedCA,
+    WireTarget,
+    check_target,
+    parse_target,
+    probe,
+    server_workers,
+)
 from bench.serve.metrics import gather
 from engine.approval import ReviewBoard
 from engine.keys import load_private_key
@@ -299,8 +306,10 @@ def execute(
         if profile.get("target", "url") == "served":
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="enrollbench-ca-"))
             served = ServedCA(profile, Path(folder) / "state")
-            target = served.start()
             stack.callback(served.stop)
+            target = served.start()
+        if target is not None:
+            probe(target)
         # One pool of administrators for the whole run, whatever the number of shards (a
         # wire target has its own).
         board = None

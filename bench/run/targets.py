@@ -34,6 +34,7 @@ from bench.errors import UsageError
 from bench.profile import Profile
 from engine.chaincache import ChainCache
 from engine.device import Device, DeviceIdentity, DeviceProfile
+from engine.errors import EnrollmentError
 from engine.flow import Outcome, StepRecorder
 from engine.identity import User
 from engine.keys import KeyFamily, PrivateKey, key_spec, load_private_key
@@ -144,6 +145,36 @@ def check_target(profile: Profile, target: WireTarget) -> None:
             f"remote target: {load['devices']} devices is above target.max_devices "
             f"{profile.get('target', 'max_devices')}"
         )
+
+
+PROBE_TIMEOUT_S = 10.0
+
+
+def probe(target: WireTarget) -> None:
+    """Ask the target for its CA certificates before anything starts: a target that does not
+    answer is one line naming it, not a run of failed devices."""
+
+    async def ask() -> None:
+        http = HttpClient(target.host, target.port, ssl=client_tls(target), timeout=PROBE_TIMEOUT_S)
+        try:
+            exchange = _Exchange(http)
+            client: EnrollmentClient
+            if target.protocol == "est":
+                client = EstClient(exchange, target.path)
+            else:
+                from engine.wire.scep import ScepClient  # noqa: PLC0415 (SCEP targets only)
+
+                client = ScepClient(exchange, target.path)
+            await client.ca_certificates()
+        finally:
+            await http.close()
+
+    try:
+        asyncio.run(ask())
+    except EnrollmentError as exc:
+        raise UsageError(f"target {target.url} does not answer: {exc}") from exc
+    except ssl.SSLError as exc:
+        raise UsageError(f"target {target.url}: TLS failed: {exc.reason}") from exc
 
 
 def client_tls(target: WireTarget) -> ssl.SSLContext | None:
