@@ -30,7 +30,7 @@ from typing import NamedTuple, TypeVar
 from urllib.parse import quote, unquote
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -378,23 +378,24 @@ _SHA256_WITH_RSA = _der.encode_tlv(
 
 @lru_cache(maxsize=64)
 def _certificate_facts(certificate: bytes) -> tuple[bool, bool, bool, bytes, bytes] | None:
-    """(is a CA, may encipher keys, has an RSA key, subject DER, issuer DER), or None."""
+    """(is a CA, may encipher keys, has an RSA key, subject DER, issuer DER); None for bytes
+    that are not a certificate cryptography reads. Once per CA certificate, not per message."""
     try:
         parsed = x509.load_der_x509_certificate(certificate)
-        key = parsed.public_key()
-    except ValueError:
+        rsa_key = isinstance(parsed.public_key(), rsa.RSAPublicKey)
+        extensions = parsed.extensions
+        names = parsed.subject.public_bytes(), parsed.issuer.public_bytes()
+    except (ValueError, UnsupportedAlgorithm):
         return None
     try:
-        is_ca = parsed.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        is_ca = extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         is_ca = False
     try:
-        usage = parsed.extensions.get_extension_for_class(x509.KeyUsage).value
-        enciphers = usage.key_encipherment
+        enciphers = extensions.get_extension_for_class(x509.KeyUsage).value.key_encipherment
     except x509.ExtensionNotFound:
         enciphers = True  # no KeyUsage: any use (RFC 5280 4.2.1.3)
-    rsa_key = isinstance(key, rsa.RSAPublicKey)
-    return is_ca, enciphers, rsa_key, parsed.subject.public_bytes(), parsed.issuer.public_bytes()
+    return is_ca, enciphers, rsa_key, *names
 
 
 def recipient_certificate(certificates: Sequence[bytes]) -> bytes:
@@ -753,15 +754,14 @@ class ScepHandler:
             return self._cert_rep(
                 message, PkiStatus.FAILURE, fail_info=FailInfo.BAD_REQUEST, fail_text=text
             )
+        bundle = cms.build_certificates_only([ticket.certificate])
         try:
-            recipient = cms.CmsRecipient(signer)
-        except cms.MalformedCmsError:
+            envelope = cms.build_enveloped_data(bundle, [cms.CmsRecipient(signer)], cipher)
+        except (cms.MalformedCmsError, ValueError):  # not RSA, or too small to carry the key
             self._count("bad-alg")
             return self._cert_rep(
                 message, PkiStatus.FAILURE, fail_info=FailInfo.BAD_ALG, fail_text="signer key"
             )
-        bundle = cms.build_certificates_only([ticket.certificate])
-        envelope = cms.build_enveloped_data(bundle, [recipient], cipher)
         return self._cert_rep(message, PkiStatus.SUCCESS, envelope=envelope)
 
     async def _answer(self, message: PkiMessage) -> tuple[bytes, Ticket, str]:
@@ -814,12 +814,13 @@ class ScepHandler:
         try:
             certificate = x509.load_der_x509_certificate(signer)
             certificate.verify_directly_issued_by(self._issuing)
-        except (ValueError, TypeError, InvalidSignature) as exc:
+            valid = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+            certified = certificate.subject.public_bytes()
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
             raise ScepRefusedError(f"RenewalReq signer not issued by our CA: {exc}") from exc
-        now = datetime.now(UTC)
-        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+        if not valid[0] <= datetime.now(UTC) <= valid[1]:
             raise ScepRefusedError("RenewalReq signer certificate is not valid now")
-        if certificate.subject.public_bytes() != subject:
+        if certified != subject:
             raise ScepRefusedError("RenewalReq signer certificate is for another subject")
 
     def _cert_rep(
