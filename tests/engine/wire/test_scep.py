@@ -13,7 +13,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import pytest
@@ -28,7 +28,9 @@ from pyasn1_modules import rfc5652
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from engine import _der
+from engine.approval import ApprovalPolicy
 from engine.certificate import certificate_spki
+from engine.distribution import Distribution
 from engine.errors import (
     AuthenticationError,
     HttpStatusError,
@@ -36,10 +38,13 @@ from engine.errors import (
     UnknownUserError,
 )
 from engine.identity import DistinguishedName, User
+from engine.population import directory_entry, simulated_enrollee
+from engine.service import SharedCAService, seed_users
+from engine.system import EngineConfig
 from engine.wire import cms, scep
 from engine.wire.http import HttpClient, HttpServer
 from engine.wire.seam import DeviceCredentials, HttpRequest, HttpResponse, Ticket, TicketStatus
-from tests.conftest import require_tool, vector_key
+from tests.conftest import SEED, ca_material, require_tool, vector_key
 from tests.engine.wire.test_cms import WIRE_VECTORS, ca_certificate, ca_der, mutated, wire_key
 
 _START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -680,6 +685,99 @@ def test_openssl_opens_our_pkcsreq(tmp_path: Path) -> None:
         "request.der",
     )
     run("req", "-inform", "DER", "-in", "request.der", "-verify", "-noout")
+
+
+# ---- against the real engine.service.SharedCAService ----
+
+
+def shared_service(tmp_path: Path, **config: Any) -> SharedCAService:
+    """The real CA service (P-256 CA from the fixed vectors, RSA devices) with three users."""
+    path = tmp_path / "state.sqlite"
+    seed_users(path, [directory_entry(simulated_enrollee(i, SEED), SEED, 1) for i in range(3)])
+    engine_config = EngineConfig(auth_iterations=1, device_key="rsa2048", **config)
+    return SharedCAService(engine_config, ca_material(engine_config), path, manual=True)
+
+
+def shared_credentials(
+    index: int, key_name: str, challenge: str | None = None
+) -> DeviceCredentials:
+    """A simulated user's device: the user's DN and the password as challengePassword."""
+    enrollee = simulated_enrollee(index, SEED)
+    password = enrollee.password if challenge is None else challenge
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name.from_rfc4514_string(enrollee.user.dn.text))
+        .add_attribute(AttributeOID.CHALLENGE_PASSWORD, password.encode())
+        .sign(wire_key(key_name), hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    return DeviceCredentials(
+        f"d{index}", enrollee.user.user_id, enrollee.password, wire_key(key_name), request
+    )
+
+
+def test_against_the_shared_service(tmp_path: Path) -> None:
+    """ScepClient -> ScepHandler -> SharedCAService: issued for our key, chaining to the CA."""
+    service = shared_service(tmp_path, ca_intermediates=1)
+    try:
+        handler = scep.ScepHandler(service, ra_der(), wire_key("rsa2048-ra"))
+        client = scep.ScepClient(in_process(handler))
+        device = shared_credentials(1, "rsa2048-device-1")
+
+        async def run() -> tuple[tuple[bytes, ...], Ticket]:
+            ca = await client.ca_certificates()
+            return ca, await client.submit(device, client.prepare(device, ca))
+
+        ca, ticket = asyncio.run(run())
+        assert ca == (*service.ca_certificates, ra_der())
+        assert ticket.status is TicketStatus.ISSUED
+        issued = x509.load_der_x509_certificate(ticket.certificate)
+        issued.verify_directly_issued_by(x509.load_der_x509_certificate(ca[-2]))
+        assert issued.public_key() == wire_key("rsa2048-device-1").public_key()
+    finally:
+        service.close()
+
+
+def test_shared_service_wrong_challenge(tmp_path: Path) -> None:
+    """The real service refuses a wrong challengePassword: FAILURE badRequest."""
+    service = shared_service(tmp_path)
+    try:
+        counted: list[str] = []
+        handler = scep.ScepHandler(service, ra_der(), wire_key("rsa2048-ra"), count=counted.append)
+        client = scep.ScepClient(in_process(handler))
+        device = shared_credentials(2, "rsa2048-device-2", challenge="wrong")
+        ticket = asyncio.run(client.submit(device, client.prepare(device, (ra_der(),))))
+        assert ticket.status is TicketStatus.REJECTED
+        assert ticket.detail.endswith("AuthenticationError")
+        assert counted == ["bad-request"]
+    finally:
+        service.close()
+
+
+def test_shared_service_manual_approval_over_scep(tmp_path: Path) -> None:
+    """PENDING until an administrator approves; the CertPoll after it is SUCCESS."""
+    approval = ApprovalPolicy(1, Distribution("fixed", mean=0.0), 1.0)
+    service = shared_service(tmp_path, approval=approval)
+    try:
+        handler = scep.ScepHandler(service, ra_der(), wire_key("rsa2048-ra"))
+        client = scep.ScepClient(in_process(handler))
+        device = shared_credentials(0, "rsa2048-device-3")
+
+        async def run() -> list[Ticket]:
+            prepared = client.prepare(device, await client.ca_certificates())
+            first = await client.submit(device, prepared)
+            waiting = await client.poll(device, prepared, first)
+            assert service.decide("scep:" + prepared.transaction_id, approve=True)
+            return [first, waiting, await client.poll(device, prepared, waiting)]
+
+        first, waiting, final = asyncio.run(run())
+        assert first.status is waiting.status is TicketStatus.PENDING
+        assert final.status is TicketStatus.ISSUED
+        assert x509.load_der_x509_certificate(final.certificate).public_key() == (
+            wire_key("rsa2048-device-3").public_key()
+        )
+    finally:
+        service.close()
 
 
 # ---- interop with micromdm 2.1.0 (Debian `scep`), one request in flight ----
