@@ -71,6 +71,10 @@ def issued(key_name: str, common_name: str, serial: int) -> bytes:
         .serial_number(serial)
         .not_valid_before(_START)
         .not_valid_after(_START + timedelta(days=3650))
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(wire_key(key_name).public_key()),
+            critical=False,
+        )
         .sign(ca_key, hashes.SHA256())
         .public_bytes(serialization.Encoding.DER)
     )
@@ -441,3 +445,34 @@ def test_random_bytes_raise_only_the_typed_error(message: bytes) -> None:
             parse(message)
     with contextlib.suppress(cms.MalformedCmsError):
         cms.decrypt_enveloped_data(message, ra(), wire_key("rsa2048-ra"))
+
+
+def test_enveloped_data_for_two_recipients() -> None:
+    """Enveloped to CA and RA at once (scepclient without -ca-fingerprint): each opens it."""
+    message = cms.build_enveloped_data(
+        b"both", [cms.CmsRecipient(device()), cms.CmsRecipient(ra())], "des3"
+    )
+    for certificate, key in ((device(), "rsa2048-device-1"), (ra(), "rsa2048-ra")):
+        opened = cms.decrypt_enveloped_data(message, certificate, wire_key(key))
+        assert opened == cms.Decrypted(b"both", "des3")
+
+
+@pytest.mark.server
+def test_signer_and_recipient_named_by_key_identifier(tmp_path: Path) -> None:
+    """openssl's -keyid names signer and recipient by subjectKeyIdentifier ([0]): both work."""
+    certificate, key = write_pem(tmp_path)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"by key id")
+    signed_message = openssl(
+        "cms", "-sign", "-binary", "-nodetach", "-keyid", "-outform", "DER",
+        "-in", str(plain), "-signer", str(certificate), "-inkey", str(key),
+    )  # fmt: skip
+    parsed = cms.parse_signed_data(signed_message)
+    assert parsed.signer_id.startswith(b"\x80")
+    assert cms.verify_signed_data(parsed, [device(), ra()], use_included=False) == ra()
+    enveloped_message = openssl(
+        "cms", "-encrypt", "-binary", "-keyid", "-outform", "DER", "-aes128",
+        "-in", str(plain), str(certificate),
+    )  # fmt: skip
+    opened = cms.decrypt_enveloped_data(enveloped_message, ra(), wire_key("rsa2048-ra"))
+    assert opened.content == b"by key id"
