@@ -1,7 +1,8 @@
 """What the HTTP stack costs: engine.wire.http against aiohttp on a do-nothing endpoint.
 
     python -m bench.microbench.http_stack [--rounds 7] [--requests 20000] [--concurrency 32]
-                                          [--pin 0] [--fleet]
+                                          [--pin 0 | --client-cpus 0 --server-cpus 1]
+                                          [--fleet]
 
 A POST of 2 KB answered with 1.2 KB, keep-alive, `--concurrency` requests in flight. Each server
 runs in its own child process on uvloop, the client in this one (on uvloop too): our client
@@ -16,8 +17,10 @@ each side's medians, and per round the ratios ours/aiohttp and A/A' with their m
 devices) against it plain with keep-alive (a gateway), with the client's mean phases.
 
 aiohttp is not a dependency of enrollbench: install it into the environment to measure B
-(`pip install aiohttp`); without it only A and A' run. `--pin 0` pins both processes to CPU 0
-(client and server then share one core, as they would beside each other on a loaded box).
+(`pip install aiohttp`); without it only A and A' run. `--pin 0` pins all processes to CPU 0
+(client and server then share one core, as they would beside each other on a loaded box);
+`--client-cpus 0 --server-cpus 1` gives each its own. Unpinned on 2 vCPUs the scheduler sometimes
+puts client and server on one core and sometimes not, and a block's rate moves 2-4x with it.
 """
 
 from __future__ import annotations
@@ -311,9 +314,10 @@ async def _open_sides(
 
 async def compare(options: argparse.Namespace) -> list[list[Block]]:
     """Rounds of alternating blocks; every round has one block per side."""
-    pin = set(options.pin) if options.pin else None
-    if pin:
-        os.sched_setaffinity(0, pin)
+    client_cpus = set(options.client_cpus or options.pin or ())
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
+    pin = set(options.server_cpus or options.pin or ()) or None
     rounds: list[list[Block]] = []
     with tempfile.TemporaryDirectory(prefix="http-stack-") as folder:
         tls_dir = Path(folder)
@@ -397,7 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20_000, help="requests per block")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2000, help="requests per side, unmeasured")
-    parser.add_argument("--pin", type=int, nargs="*", help="CPUs for client and servers")
+    parser.add_argument("--pin", type=int, nargs="+", help="CPUs for client and servers")
+    parser.add_argument("--client-cpus", type=int, nargs="+", help="CPUs for the client")
+    parser.add_argument("--server-cpus", type=int, nargs="+", help="CPUs for the servers")
     parser.add_argument("--fleet", action="store_true", help="TLS per request vs keep-alive")
     parser.add_argument("--serve", choices=["ours", "aiohttp"], help=argparse.SUPPRESS)
     parser.add_argument("--tls-dir", help=argparse.SUPPRESS)
@@ -410,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"POST {len(REQUEST_BODY)} B -> {len(ANSWER_BODY)} B, {options.concurrency} in flight, "
         f"{options.requests} requests per block, {options.rounds} rounds, uvloop, "
-        f"pinned to {options.pin or 'no CPU'}"
+        f"client CPUs {options.client_cpus or options.pin or 'any'}, "
+        f"server CPUs {options.server_cpus or options.pin or 'any'}"
     )
     rounds = uvloop.run(compare(options))
     for line in summarize(rounds):

@@ -361,6 +361,12 @@ class _ServerConnection(asyncio.Protocol):
         except Exception as exc:
             self._handler_failed(exc)
             return HttpResponse(500)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this connection is being torn down
+            self._handler_failed(exc)  # something the handler awaited was cancelled
+            return HttpResponse(500)
         finally:
             server.in_flight -= 1
 
@@ -371,7 +377,7 @@ class _ServerConnection(asyncio.Protocol):
             self._handler_failed(exc)
             return encode_answer(HttpResponse(500), keep_alive, method == "HEAD")
 
-    def _handler_failed(self, exc: Exception) -> None:
+    def _handler_failed(self, exc: BaseException) -> None:
         # the type only: a message may quote the request (passwords, keys)
         logger.error("HTTP handler raised %s", type(exc).__name__)
         self._server.count("handler-error")

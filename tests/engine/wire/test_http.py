@@ -520,21 +520,27 @@ def test_handler_error_is_500_and_logs_only_the_type(
     async def broken(request: HttpRequest) -> HttpResponse:
         if request.path == "/boom":
             raise KeyError("secret-password")
+        if request.path == "/cancelled":  # something it awaited was cancelled
+            raise asyncio.CancelledError
+        if request.path == "/bad-header":
+            return HttpResponse(200, headers=(("X-Split", "a\r\nSet-Cookie: b"),))
         return HttpResponse(200)
+
+    paths = ("/boom", "/", "/cancelled", "/bad-header", "/")
 
     async def scenario() -> tuple[list[int], list[str]]:
         async with serving(broken) as served:
             client = HttpClient("127.0.0.1", served.port)
             phases = Phases()
-            codes = [(await client.request("GET", p, phases=phases)).status for p in ("/boom", "/")]
+            codes = [(await client.request("GET", p, phases=phases)).status for p in paths]
             await client.close()
             assert phases.connections == 1  # the connection survives a handler's failure
             return codes, served.counts
 
     with caplog.at_level(logging.ERROR, logger="engine.wire.http"):
         codes, counts = run(scenario())
-    assert codes == [500, 200]
-    assert counts == ["handler-error"]
+    assert codes == [500, 200, 500, 500, 200]
+    assert counts == ["handler-error"] * 3
     assert "KeyError" in caplog.text
     assert "secret-password" not in caplog.text
 
@@ -667,6 +673,21 @@ def test_tls_untrusted_server_is_unavailable(run: Run[Any], pki: Pki) -> None:
             await client.request("GET", "/")
 
     with pytest.raises(TargetUnavailableError, match="TLS"):
+        run(scenario())
+
+
+def test_tls_required_client_certificate_missing_is_a_wire_error(run: Run[Any], pki: Pki) -> None:
+    """A server that requires a client certificate refuses a client without one, typed."""
+
+    async def scenario() -> None:
+        tls = server_context(pki, True)
+        tls.verify_mode = ssl.CERT_REQUIRED
+        async with serving(tls=tls) as served:
+            context = client_context(pki, False)
+            client = HttpClient("127.0.0.1", served.port, ssl=context, server_hostname="localhost")
+            await client.request("GET", "/")
+
+    with pytest.raises((ConnectionLostError, TargetUnavailableError)):
         run(scenario())
 
 
