@@ -16,23 +16,26 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 from bench.errors import UsageError
 from bench.profile import Profile, load_profile
+from bench.serve import metrics
 from bench.serve.state import BringYourOwnCA, ServerState, prepare_state
 from bench.serve.worker import WorkerPlan, listening_socket, worker_main
 from engine.approval import ReviewBoard
 from engine.service import SharedCAService, SubjectPolicy
+from engine.wire.http import HttpLimits
 
 READY_TIMEOUT_S = 120.0
 DEFAULT_EST = "127.0.0.1:8443"
 DEFAULT_SCEP = "127.0.0.1:8080"
 # A worker that dies is restarted, but not in a loop: this many restarts end the server.
 MAX_RESTARTS = 10
+_DEFAULT_LIMITS = HttpLimits()
 
 
 def default_state(profile_name: str) -> Path:
@@ -73,6 +76,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="bring your own CA as PKCS #12 (password in $ENROLLBENCH_CA_PASSWORD)",
     )
+    parser.add_argument(
+        "--max-body",
+        type=int,
+        default=_DEFAULT_LIMITS.max_body,
+        help="largest request body accepted, bytes (larger: 413)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=_DEFAULT_LIMITS.request_timeout,
+        help="seconds a client has to send a whole request (slower: 408)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
 
@@ -86,8 +101,11 @@ def command(args: argparse.Namespace) -> int:
     own = None
     if args.ca_cert or args.ca_key or args.ca_p12:
         own = BringYourOwnCA(tuple(args.ca_cert), args.ca_key, args.ca_p12)
+    if args.max_body < 1 or not 0 < args.request_timeout <= 3600:
+        raise UsageError("--max-body must be positive, --request-timeout in (0, 3600] s")
+    limits = HttpLimits(max_body=args.max_body, request_timeout=args.request_timeout)
     state = prepare_state(args.state or default_state(profile.name), profile, own)
-    server = Server(profile, state, est, scep, workers, plain_http=args.plain_http)
+    server = Server(profile, state, est, scep, workers, plain_http=args.plain_http, limits=limits)
     return server.run()
 
 
@@ -103,11 +121,13 @@ class Server:
         workers: int,
         *,
         plain_http: bool,
+        limits: HttpLimits | None = None,
     ) -> None:
         self.profile = profile
         self.state = state
         self.workers = workers
         self.plain_http = plain_http
+        self.limits = limits or HttpLimits()
         self.holders = [listening_socket(est, listen=False)]
         if scep is not None:
             self.holders.append(listening_socket(scep, listen=False))
@@ -135,45 +155,52 @@ class Server:
             SubjectPolicy(self.profile.get("serve", "subject_policy")),
             self.manual,
             self.board,
+            self.limits,
         )
 
     def run(self) -> int:
+        """Serve until SIGINT/SIGTERM (exit 0) or until workers die too often (exit 1)."""
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        context = multiprocessing.get_context("spawn")
-        with tempfile.TemporaryDirectory(prefix="enrollbench-serve-") as scratch:
-            processes = {i: self._start(context, i, Path(scratch)) for i in range(self.workers)}
-            self._wait_ready(processes, Path(scratch))
-            self._announce()
-            restarts = 0
-            while not self.stopping:
-                time.sleep(0.2)
-                for index, process in list(processes.items()):
-                    if process.is_alive() or self.stopping:
-                        continue
-                    restarts += 1
-                    print(
-                        f"enrollbench serve: worker {index} exited ({process.exitcode}); "
-                        f"restarting it ({restarts}/{MAX_RESTARTS})",
-                        file=sys.stderr,
-                    )
-                    if restarts > MAX_RESTARTS:
-                        self.stopping = True
-                        break
-                    processes[index] = self._start(context, index, Path(scratch))
-            for process in processes.values():
-                if process.is_alive() and process.pid is not None:
-                    os.kill(process.pid, signal.SIGTERM)
-            for process in processes.values():
-                process.join(30)
-                if process.is_alive():
-                    process.kill()
+        # an earlier server's leftovers must not be read as this one's (killed, it left them)
         self.state.listening.unlink(missing_ok=True)
-        if self.board is not None:
-            self.board.close()
-        for holder in self.holders:
-            holder.close()
-        return 0 if restarts <= MAX_RESTARTS else 1
+        metrics.clear(self.state.metrics)
+        context = multiprocessing.get_context("spawn")
+        processes: dict[int, BaseProcess] = {}
+        with tempfile.TemporaryDirectory(prefix="enrollbench-serve-") as scratch:
+
+            def start(index: int) -> BaseProcess:
+                return self._start(context, index, Path(scratch))
+
+            try:
+                for index in range(self.workers):
+                    processes[index] = start(index)
+                if not self._wait_ready(processes, Path(scratch)):
+                    return 0  # stopped while starting
+                self._announce()
+                supervisor = Supervisor(start)
+                while not self.stopping and supervisor.check(processes):
+                    time.sleep(0.2)
+                return 0 if self.stopping else 1
+            finally:
+                # always: a worker left running would keep this process from exiting
+                self._stop_workers(processes)
+                self.state.listening.unlink(missing_ok=True)
+                if self.board is not None:
+                    self.board.close()
+                for holder in self.holders:
+                    holder.close()
+
+    def _stop_workers(self, processes: dict[int, BaseProcess]) -> None:
+        """SIGTERM each worker (it finishes its requests in flight), then wait for them."""
+        for process in processes.values():
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        for process in processes.values():
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
 
     def _stop(self, *_: Any) -> None:
         self.stopping = True
@@ -187,15 +214,19 @@ class Server:
         process.start()
         return process
 
-    def _wait_ready(self, processes: dict[int, BaseProcess], scratch: Path) -> None:
+    def _wait_ready(self, processes: dict[int, BaseProcess], scratch: Path) -> bool:
+        """True when every worker listens; False when told to stop first."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not all((scratch / f"ready-{i}").exists() for i in processes):
+            if self.stopping:
+                return False
             for index, process in processes.items():
                 if not process.is_alive():
                     raise UsageError(f"serve: worker {index} failed to start ({process.exitcode})")
-            if time.monotonic() > deadline or self.stopping:
+            if time.monotonic() > deadline:
                 raise UsageError("serve: the workers did not start in time")
             time.sleep(0.02)
+        return True
 
     def _announce(self) -> None:
         scheme = "http" if self.plain_http else "https"
@@ -226,6 +257,36 @@ class Server:
             f"  state        {self.state.folder}",
             flush=True,
         )
+
+
+class Supervisor:
+    """Restarts a worker that died, but not in a loop: after `limit` restarts it gives up."""
+
+    def __init__(self, start: Callable[[int], BaseProcess], limit: int = MAX_RESTARTS) -> None:
+        self.start = start
+        self.limit = limit
+        self.restarts = 0
+
+    def check(self, processes: dict[int, BaseProcess]) -> bool:
+        """Restart the dead workers in `processes`; False when the limit is exceeded."""
+        for index, process in list(processes.items()):
+            if process.is_alive():
+                continue
+            self.restarts += 1
+            if self.restarts > self.limit:
+                print(
+                    f"enrollbench serve: worker {index} exited ({process.exitcode}); "
+                    f"{self.limit} restarts already: stopping",
+                    file=sys.stderr,
+                )
+                return False
+            print(
+                f"enrollbench serve: worker {index} exited ({process.exitcode}); "
+                f"restarting it ({self.restarts}/{self.limit})",
+                file=sys.stderr,
+            )
+            processes[index] = self.start(index)
+        return True
 
 
 def _host(host: str) -> str:

@@ -33,6 +33,22 @@ class Metrics:
         self.histograms: dict[tuple[str, str], Histogram] = {}
         self._buffered: dict[tuple[str, str], list[int]] = {}
         folder.mkdir(mode=0o700, exist_ok=True)
+        self._resume()
+
+    @property
+    def path(self) -> Path:
+        return self.folder / f"worker-{self.worker}.json"
+
+    def _resume(self) -> None:
+        """A restarted worker goes on from its predecessor's snapshot (the server clears the
+        folder when it starts), so the sums over workers never go backwards mid-run."""
+        snapshot = _read(self.path)
+        if snapshot is None:
+            return
+        for name, labels, n in snapshot["counters"]:
+            self.counters[name, tuple((str(k), str(v)) for k, v in labels)] += int(n)
+        for kind, label, encoded in snapshot["histograms"]:
+            self.histograms[str(kind), str(label)] = Histogram.decode(encoded)
 
     def count(self, name: str, **labels: str) -> None:
         """Add one to a counter (labels in a fixed order)."""
@@ -63,7 +79,7 @@ class Metrics:
             ],
             "written": time.time(),
         }
-        path = self.folder / f"worker-{self.worker}.json"
+        path = self.path
         scratch = path.with_suffix(".tmp")
         scratch.write_text(json.dumps(snapshot))
         os.replace(scratch, path)
@@ -76,10 +92,9 @@ def gather(
     counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
     histograms: dict[tuple[str, str], Histogram] = {}
     for path in sorted(folder.glob("worker-*.json")):
-        try:
-            snapshot: dict[str, Any] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # a worker replacing its file right now: the next scrape has it
+        snapshot = _read(path)
+        if snapshot is None:
+            continue
         for name, labels, n in snapshot["counters"]:
             counters[name, tuple((str(k), str(v)) for k, v in labels)] += int(n)
         for kind, label, encoded in snapshot["histograms"]:
@@ -88,6 +103,20 @@ def gather(
                 histogram = histograms[kind, label] = Histogram()
             histogram.merge(Histogram.decode(encoded))
     return counters, histograms
+
+
+def clear(folder: Path) -> None:
+    """Forget the snapshots of an earlier server (a stale worker-N.json would be summed)."""
+    for path in [*folder.glob("worker-*.json"), *folder.glob("worker-*.tmp")]:
+        path.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        snapshot: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent, or not written whole (files are replaced atomically)
+    return snapshot
 
 
 def render(folder: Path, gauges: dict[str, float]) -> str:

@@ -130,9 +130,20 @@ def prepare_state(
         _write_tls(folder / "tls", issuing, issuing_key, material.certificates)
     if not (folder / "scep" / "ra.key").exists():
         _write_ra(folder / "scep", issuing, issuing_key)
+    _private_store(state.store)
     if not state.credentials.exists():
         _write_users(state, profile)
     return state
+
+
+def _private_store(store: Path) -> None:
+    """The store holds password verifiers: 0600 from its first byte. SQLite creates its -wal
+    and -shm files with the database file's mode; a store made before this rule is fixed."""
+    if not store.exists():
+        os.close(os.open(store, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE))
+    for path in (store, store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
+        if path.exists():
+            os.chmod(path, PRIVATE_FILE)
 
 
 def _new_material(profile: Profile) -> CAMaterial:

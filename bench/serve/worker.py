@@ -11,26 +11,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.profile import Profile
 from bench.serve.metrics import Metrics, render
 from bench.serve.state import ServerState
+from engine import _der
 from engine.approval import ReviewBoard
 from engine.flow import Step
+from engine.keys import KeyFamily, key_spec, signature_algorithm
+from engine.request import EXTENSION_REQUEST_OID, SAN_OID
 from engine.service import SharedCAService, SubjectPolicy
-from engine.wire.est import EstHandler
-from engine.wire.http import HttpServer
+from engine.wire.est import CsrAttribute, EstHandler
+from engine.wire.http import HttpLimits, HttpServer
 from engine.wire.seam import Handler, HttpRequest, HttpResponse
 
 METRICS_SECONDS = 1.0
 STOP_GRACE_SECONDS = 10.0
+# RFC 5480 2.1.1.1 named curves, the value of an id-ecPublicKey CSR attribute (RFC 7030 A.4)
+_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
+_CURVES = {"p256": "1.2.840.10045.3.1.7", "p384": "1.3.132.0.34"}
+_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
+_ED25519 = "1.3.101.112"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +55,7 @@ class WorkerPlan:
     subject_policy: SubjectPolicy
     manual: bool
     board: ReviewBoard | None
+    limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 def listening_socket(address: tuple[str, int], *, listen: bool) -> socket.socket:
@@ -60,6 +70,29 @@ def listening_socket(address: tuple[str, int], *, listen: bool) -> socket.socket
         sock.listen(1024)
         sock.setblocking(False)
     return sock
+
+
+def csr_attributes(profile: Profile, policy: SubjectPolicy) -> tuple[CsrAttribute, ...]:
+    """What the CA asks of requests (EST csrattrs, RFC 7030 4.5.2, laid out as its A.4
+    example): the profile's device key type, the signature algorithm under the profile's hash,
+    and, when the CA copies a requested subjectAltName (subject policy `match`), that extension.
+    """
+    config = profile.engine_config()
+    spec = key_spec(config.device_key)
+    identifier = signature_algorithm(spec.family, config.hash_name).identifier
+    oid = _der.sequence_elements(identifier, _der.SEQUENCE)[0]
+    attributes = [CsrAttribute(_der.decode_oid(oid[2:]))]
+    if spec.family is KeyFamily.EC:
+        curve = _der.encode_oid(_CURVES[spec.name])
+        attributes.insert(0, CsrAttribute(_EC_PUBLIC_KEY, (curve,)))
+    else:
+        family = _RSA_ENCRYPTION if spec.family is KeyFamily.RSA else _ED25519
+        if family != attributes[0].oid:
+            attributes.insert(0, CsrAttribute(family))
+    if policy is SubjectPolicy.MATCH:
+        wanted = (_der.encode_oid(SAN_OID),)
+        attributes.append(CsrAttribute(EXTENSION_REQUEST_OID, wanted))
+    return tuple(attributes)
 
 
 def tls_context(state: ServerState) -> ssl.SSLContext:
@@ -91,7 +124,11 @@ class Worker:
             manual=plan.manual,
             observe=self._observe_step,
         )
-        self.est: Handler = EstHandler(self.service, count=self._counter("est"))
+        self.est: Handler = EstHandler(
+            self.service,
+            count=self._counter("est"),
+            csr_attributes=csr_attributes(plan.profile, plan.subject_policy),
+        )
         self.scep: Handler | None = None
         if plan.scep_address is not None:
             from engine.wire.scep import ScepHandler  # noqa: PLC0415 (only with a SCEP port)
@@ -116,20 +153,26 @@ class Worker:
         handler = self.est if protocol == "est" or self.scep is None else self.scep
 
         async def route(request: HttpRequest) -> HttpResponse:
-            began = time.perf_counter_ns()
+            # health and scrapes are not the protocol's requests: neither counted nor timed
             if request.path == "/health":
-                answer = HttpResponse(200, "application/json", b'{"status":"ok"}')
-            elif request.path == "/metrics":
-                answer = HttpResponse(200, "text/plain; version=0.0.4", self.exposition())
-            else:
-                answer = await handler(request)
+                return HttpResponse(200, "application/json", self.health())
+            if request.path == "/metrics":
+                return HttpResponse(200, "text/plain; version=0.0.4", self.exposition())
+            began = time.perf_counter_ns()
+            answer = await handler(request)
             self.metrics.count("requests", protocol=protocol, status=str(answer.status))
             self.metrics.observe("request", protocol, time.perf_counter_ns() - began)
             return answer
 
         return route
 
+    def health(self) -> bytes:
+        """Which worker answered (a client can tell SO_REUSEPORT's choice, and a restart)."""
+        status = {"status": "ok", "worker": self.plan.index, "pid": os.getpid()}
+        return json.dumps(status).encode()
+
     def exposition(self) -> bytes:
+        self.metrics.flush()  # this worker's own counts current; the others' a second behind
         counts = self.service.counts()
         gauges = {
             "approvals_pending": float(counts.get("pending", 0)),
@@ -151,10 +194,11 @@ class Worker:
                     self.routes(protocol),
                     sock,
                     ssl=context,
+                    limits=plan.limits,
                     count=self._counter(protocol),
                 )
             )
-        flusher = asyncio.get_running_loop().create_task(self._flush_metrics())
+        flusher = asyncio.get_running_loop().create_task(self._flush_metrics(stop))
         self.metrics.flush()
         await stop.wait()
         await asyncio.gather(*(s.stop(STOP_GRACE_SECONDS) for s in self.servers))
@@ -164,10 +208,15 @@ class Worker:
         self.metrics.flush()
         self.service.close()
 
-    async def _flush_metrics(self) -> None:
+    async def _flush_metrics(self, stop: asyncio.Event) -> None:
+        parent = os.getppid()
         while True:
             await asyncio.sleep(METRICS_SECONDS)
             self.metrics.flush()
+            if os.getppid() != parent:
+                # the server was killed (SIGKILL leaves no time to stop us): an orphan
+                # worker must not keep serving a port nobody supervises
+                stop.set()
 
 
 def worker_main(plan: WorkerPlan, ready: Path) -> None:
