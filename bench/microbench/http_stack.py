@@ -10,7 +10,8 @@ against our server (A), aiohttp's client against aiohttp's server (B, access log
 stack again against a second server process of its own (A', for the A/A line that says how far
 a ratio can be trusted). Blocks alternate A B A' (reversed every other round so no side always
 runs first); each block reports requests/s and CPU microseconds per request, client (this
-process's `time.process_time`) and server (the child's utime+stime from /proc) apart. Printed:
+process's `time.process_time`) and server (the child's utime+stime from /proc) apart, and how
+many CPUs the rest of the machine kept busy meanwhile (a noisy block shows). Printed:
 each side's medians, and per round the ratios ours/aiohttp and A/A' with their min and max.
 
 `--fleet` compares instead our stack with TLS 1.3 and a new connection per request (a fleet of
@@ -63,6 +64,7 @@ class Block:
     seconds: float
     client_cpu: float  # seconds
     server_cpu: float  # seconds
+    others_cpu: float = 0.0  # seconds the rest of the machine was busy meanwhile (noise)
 
     @property
     def per_second(self) -> float:
@@ -79,6 +81,12 @@ class Block:
     @property
     def total_us(self) -> float:
         return self.client_us + self.server_us
+
+
+def machine_busy() -> float:
+    """CPU seconds all cores have been busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLOCK_TICKS
 
 
 def process_cpu(pid: int) -> float:
@@ -246,12 +254,15 @@ async def run_block(side: str, send: Send, pid: int, requests: int, concurrency:
         for _ in range(count):
             await send()
 
-    server_before, cpu_before = process_cpu(pid), time.process_time()
+    busy_before, server_before = machine_busy(), process_cpu(pid)
+    cpu_before = time.process_time()
     start = time.perf_counter()
     await asyncio.gather(*(worker(share) for share in shares))
     seconds = time.perf_counter() - start
     client_cpu = time.process_time() - cpu_before
-    return Block(side, requests, seconds, client_cpu, process_cpu(pid) - server_before)
+    server_cpu = process_cpu(pid) - server_before
+    others = max(machine_busy() - busy_before - client_cpu - server_cpu, 0.0)
+    return Block(side, requests, seconds, client_cpu, server_cpu, others)
 
 
 # -- the comparison -------------------------------------------------------------------------------
@@ -348,7 +359,7 @@ async def compare(options: argparse.Namespace) -> list[list[Block]]:
 def _block_line(block: Block) -> str:
     return (
         f"{block.side}: {block.per_second:7.0f}/s cpu client {block.client_us:5.1f} "
-        f"server {block.server_us:5.1f} µs"
+        f"server {block.server_us:5.1f} µs (others {block.others_cpu / block.seconds:4.2f} CPUs)"
     )
 
 

@@ -6,12 +6,17 @@ import os
 
 import pytest
 
-from bench.microbench.http_stack import Block, main, process_cpu, summarize
+from bench.microbench.http_stack import Block, machine_busy, main, process_cpu, summarize
 
 
 def test_process_cpu_reads_this_process() -> None:
     """/proc utime+stime of this process is a non-negative number of seconds."""
     assert process_cpu(os.getpid()) >= 0.0
+
+
+def test_machine_busy_is_positive() -> None:
+    """The machine has been busy for some CPU time since boot."""
+    assert machine_busy() > 0.0
 
 
 def test_summarize_gives_medians_and_paired_ratios() -> None:
