@@ -41,6 +41,7 @@ from engine.errors import (
     HttpStatusError,
     MalformedAnswerError,
     MalformedDerError,
+    MalformedRequestError,
     RejectedError,
     UnsupportedKeyError,
 )
@@ -338,6 +339,33 @@ def _challenge_in(info: bytes) -> str | None:
     except MalformedDerError:
         return None
     return None
+
+
+def add_challenge_password(request_der: bytes, key: rsa.RSAPrivateKey, challenge: str) -> bytes:
+    """The request with a challengePassword attribute added (RFC 2985 5.4.1; any old one
+    replaced), signed again with `key` (SHA-256): for a device whose request template has no
+    challenge (the live flow builds requests without one). Costs one RSA signature."""
+    info = split_request(request_der)[0]
+    start, end = _der.read_whole(info, _der.SEQUENCE)
+    children = _der.split_children(info, start, end)
+    tag, attributes_at, attributes_start, attributes_end = children[-1]
+    if tag != 0xA0 or len(children) != 4:
+        raise MalformedRequestError("CertificationRequestInfo without attributes", start)
+    kept = [
+        info[at:stop]
+        for _, at, content, stop in _der.split_children(info, attributes_start, attributes_end)
+        if not info[content:stop].startswith(CHALLENGE_PASSWORD)
+    ]
+    added = cms.encode_attribute(CHALLENGE_PASSWORD, _printable(challenge))
+    attributes = b"".join(sorted([*kept, added]))  # DER orders a SET OF (X.690 11.6)
+    new_info = _der.encode_tlv(
+        _der.SEQUENCE, info[start:attributes_at] + _der.encode_tlv(0xA0, attributes)
+    )
+    signature = key.sign(new_info, padding.PKCS1v15(), hashes.SHA256())
+    return _der.encode_tlv(
+        _der.SEQUENCE,
+        new_info + _SHA256_WITH_RSA + _der.encode_tlv(_der.BIT_STRING, b"\x00" + signature),
+    )
 
 
 def self_signed_certificate(key: rsa.RSAPrivateKey, subject: bytes, spki: bytes) -> bytes:

@@ -38,7 +38,9 @@ from engine.errors import (
     UnknownUserError,
 )
 from engine.identity import DistinguishedName, User
+from engine.keys import KeyFamily, Signer
 from engine.population import directory_entry, simulated_enrollee
+from engine.request import RequestContent, RequestTemplate
 from engine.service import SharedCAService, seed_users
 from engine.system import EngineConfig
 from engine.wire import cms, scep
@@ -776,6 +778,34 @@ def test_shared_service_manual_approval_over_scep(tmp_path: Path) -> None:
         assert x509.load_der_x509_certificate(final.certificate).public_key() == (
             wire_key("rsa2048-device-3").public_key()
         )
+    finally:
+        service.close()
+
+
+def test_add_challenge_password_to_the_engines_request(tmp_path: Path) -> None:
+    """The engine's own request template (no challenge) gets one added, stays strict DER with a
+    valid signature, and the real service issues it over SCEP."""
+    enrollee = simulated_enrollee(1, SEED)
+    key = wire_key("rsa2048-device-4")
+    plain = RequestTemplate(KeyFamily.RSA).build(
+        Signer(key, "sha256"),
+        RequestContent(enrollee.user.dn, enrollee.user.email, enrollee.user.upn),
+    )
+    assert scep.challenge_password(plain) is None
+    request = scep.add_challenge_password(plain, key, enrollee.password)
+    assert scep.challenge_password(request) == enrollee.password
+    assert x509.load_der_x509_csr(request).is_signature_valid
+    again = scep.add_challenge_password(request, key, "replaced")
+    assert scep.challenge_password(again) == "replaced"
+    assert again.count(scep.CHALLENGE_PASSWORD) == 1
+    service = shared_service(tmp_path)
+    try:
+        client = scep.ScepClient(
+            in_process(scep.ScepHandler(service, ra_der(), wire_key("rsa2048-ra")))
+        )
+        device = DeviceCredentials("d1", enrollee.user.user_id, enrollee.password, key, request)
+        ticket = asyncio.run(client.submit(device, client.prepare(device, (ra_der(),))))
+        assert ticket.status is TicketStatus.ISSUED
     finally:
         service.close()
 
