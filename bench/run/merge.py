@@ -179,7 +179,7 @@ def build_result(profile: Profile, workers: int, output: RunOutput) -> dict[str,
         "interrupted": output.interrupted,
         "manifest": {
             **manifest(profile, workers, profile.get("", "seed"), output.started_at),
-            "target": output.target or {"url": "embedded", "kind": "embedded"},
+            "target": _target_block(output),
         },
         "timing": {**{k: round(v, 3) for k, v in timings.items()}, "window_s": round(window, 3)},
         "outcomes": block,
@@ -242,10 +242,20 @@ def _steps(
     return steps
 
 
-def _per_enrollment(cpu: float, shards: Sequence[ShardResult]) -> float:
+def per_enrollment(cpu: float, shards: Sequence[ShardResult]) -> float:
     """The generator's CPU per enrollment started (the device side against a wire target)."""
     started = sum(s.started for s in shards)
     return round(cpu / started * 1e6, 1) if started else 0.0
+
+
+def _target_block(output: RunOutput) -> dict[str, Any]:
+    """The target as recorded, with a served CA's CPU per enrollment started."""
+    if output.target is None:
+        return {"url": "embedded", "kind": "embedded"}
+    block = dict(output.target)
+    if "server_cpu_s" in block:
+        block["server_cpu_us_per_enrollment"] = per_enrollment(block["server_cpu_s"], output.shards)
+    return block
 
 
 def step_places(wire: bool, precomputed: Collection[str]) -> dict[str, str]:
@@ -334,7 +344,7 @@ def _generator_block(
         "generator_core_share": round(core_share, 4),
         "shard_cpu_utilization": round(cpu / elapsed if elapsed else 0.0, 3),
         "timer_error": timer_error,
-        **({"client_cpu_us_per_enrollment": _per_enrollment(cpu, shards)} if wire else {}),
+        **({"client_cpu_us_per_enrollment": per_enrollment(cpu, shards)} if wire else {}),
         "generator_bound": bool(reasons),
         "reasons": reasons,
     }

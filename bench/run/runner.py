@@ -324,8 +324,11 @@ def execute(
             startup_s = time.perf_counter() - began - corpus_s
             start_ns = time.perf_counter_ns() + int(START_DELAY_S * 1e9)
             started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            server_cpu = served.cpu_seconds() if served is not None else 0.0
             fleet.go(start_ns)
             shards, died, interrupted = fleet.collect(progress)
+            if served is not None:
+                server_cpu = served.cpu_seconds() - server_cpu
         finally:
             fleet.stop()
         recorded = None if target is None else target.describe()
@@ -333,6 +336,7 @@ def execute(
         if served is not None and recorded is not None:
             served.stop()
             recorded["server_workers"] = served.workers
+            recorded["server_cpu_s"] = round(server_cpu, 3)
             recorded["generator_workers"] = workers
             _, histograms = gather(served.metrics_folder)
             server_steps = {label: h for (kind, label), h in histograms.items() if kind == "step"}

@@ -454,3 +454,37 @@ class ServedCA:
     @property
     def metrics_folder(self) -> Path:
         return self.folder / "metrics"
+
+    def cpu_seconds(self) -> float:
+        """CPU (user + system) the server's processes have used so far: its parent and every
+        worker alive now, from /proc."""
+        if self.process.pid is None:
+            return 0.0
+        return sum(process_cpu(pid) for pid in _process_tree(self.process.pid))
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux: /proc/PID/task/TID/children)."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                queue.extend(int(child) for child in task.read_text().split())
+            except OSError:
+                continue
+    return found
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """utime + stime of a process in seconds (fields 14 and 15 of /proc/PID/stat); 0 if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
