@@ -2,7 +2,7 @@
 
     python -m bench.microbench.http_stack [--rounds 7] [--requests 20000] [--concurrency 32]
                                           [--pin 0 | --client-cpus 0 --server-cpus 1]
-                                          [--fleet]
+                                          [--fleet] [--quiet 0.2]
 
 A POST of 2 KB answered with 1.2 KB, keep-alive, `--concurrency` requests in flight. Each server
 runs in its own child process on uvloop, the client in this one (on uvloop too): our client
@@ -329,7 +329,6 @@ async def compare(options: argparse.Namespace) -> list[list[Block]]:
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)
     pin = set(options.server_cpus or options.pin or ()) or None
-    rounds: list[list[Block]] = []
     with tempfile.TemporaryDirectory(prefix="http-stack-") as folder:
         tls_dir = Path(folder)
         if options.fleet:
@@ -342,18 +341,38 @@ async def compare(options: argparse.Namespace) -> list[list[Block]]:
                 )
             for phase in phases.values():  # count the measured blocks only
                 phase.connect_ns = phase.tls_ns = phase.wait_ns = phase.connections = 0
-            for number in range(options.rounds):
-                order = sides if number % 2 == 0 else sides[::-1]
-                blocks = [
-                    await run_block(
-                        s.label, s.send, s.server.pid, options.requests, options.concurrency
-                    )
-                    for s in order
-                ]
-                rounds.append(sorted(blocks, key=lambda b: [s.label for s in sides].index(b.side)))
-                print("  ".join(_block_line(b) for b in rounds[-1]), flush=True)
-            _print_phases(phases, options)
+            rounds, attempts = await _measure_rounds(sides, options)
+            _print_phases(phases, attempts * options.requests)
     return rounds
+
+
+async def _measure_rounds(
+    sides: Sequence[Side], options: argparse.Namespace
+) -> tuple[list[list[Block]], int]:
+    """`options.rounds` rounds; with --quiet, a round the rest of the machine disturbed (more
+    than that many CPUs busy beside us in any block) is discarded and run again (at most 3x)."""
+    labels = [side.label for side in sides]
+    rounds: list[list[Block]] = []
+    attempts = 0
+    while len(rounds) < options.rounds and attempts < 3 * options.rounds:
+        order = sides if attempts % 2 == 0 else sides[::-1]  # no side always runs first
+        attempts += 1
+        blocks = [
+            await run_block(s.label, s.send, s.server.pid, options.requests, options.concurrency)
+            for s in order
+        ]
+        blocks.sort(key=lambda block: labels.index(block.side))
+        noisy = options.quiet is not None and any(
+            block.others_cpu / block.seconds > options.quiet for block in blocks
+        )
+        print(("discarded: " if noisy else "") + "  ".join(map(_block_line, blocks)), flush=True)
+        if not noisy:
+            rounds.append(blocks)
+    if attempts > len(rounds):
+        print(f"{attempts - len(rounds)} of {attempts} rounds discarded as disturbed")
+    if not rounds:
+        raise SystemExit("every round was disturbed: no figures")
+    return rounds, attempts
 
 
 def _block_line(block: Block) -> str:
@@ -363,8 +382,8 @@ def _block_line(block: Block) -> str:
     )
 
 
-def _print_phases(phases: dict[str, Phases], options: argparse.Namespace) -> None:
-    count = options.rounds * options.requests
+def _print_phases(phases: dict[str, Phases], count: int) -> None:
+    """Each side's mean client phases over every measured block (`count` requests)."""
     for label, phase in phases.items():
         print(
             f"{label} client phases per request: connect {phase.connect_ns / count / 1e3:.1f} µs, "
@@ -416,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--client-cpus", type=int, nargs="+", help="CPUs for the client")
     parser.add_argument("--server-cpus", type=int, nargs="+", help="CPUs for the servers")
     parser.add_argument("--fleet", action="store_true", help="TLS per request vs keep-alive")
+    parser.add_argument(
+        "--quiet", type=float, help="discard rounds where other processes kept this many CPUs busy"
+    )
     parser.add_argument("--serve", choices=["ours", "aiohttp"], help=argparse.SUPPRESS)
     parser.add_argument("--tls-dir", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
