@@ -299,6 +299,29 @@ def add_approve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("transactions", nargs="*", help="transaction IDs to decide (none: list)")
     parser.add_argument("--deny", action="store_true", help="deny instead of approve")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    # `approve PROFILE --state DIR ID...`: plain argparse binds the (empty) ID list to the
+    # first positional run and refuses IDs after an option; intermixed parsing takes them
+    parser.parse_known_args = _Intermixed(parser)  # type: ignore[method-assign, assignment]
+
+
+class _Intermixed:
+    """A subparser's parse_known_args that parses positionals and options intermixed (the
+    stdlib's intermixed parse calls parse_known_args itself: that inner call is the plain one)."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.busy = False
+
+    def __call__(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self.busy:
+            return argparse.ArgumentParser.parse_known_args(self.parser, args, namespace)
+        self.busy = True
+        try:
+            return self.parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            self.busy = False
 
 
 def approve_command(args: argparse.Namespace) -> int:

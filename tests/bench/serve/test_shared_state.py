@@ -1,0 +1,251 @@
+"""One CA service over N workers: one serial space, one store of transactions, one pool of
+administrators, one approval queue that a person can decide (`enrollbench approve`)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import itertools
+import json
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from engine.wire.est import (
+    PKCS10,
+    basic_authorization,
+    decode_base64,
+    decode_certs_only,
+    encode_base64,
+    transaction_id,
+)
+from engine.wire.seam import TicketStatus
+from tests.bench.serve.conftest import (
+    ENROLLBENCH,
+    PROFILE,
+    Served,
+    ServerFactory,
+    csr,
+    device,
+    enroll_all,
+    run,
+    serving,
+    user_dn,
+    user_id,
+    wait_for,
+)
+
+REVIEW_SECONDS = 0.3
+APPROVAL = (
+    "--set", "approval.mode='administrator'",
+    "--set", "approval.administrators=1",
+    "--set", f"approval.delay={{kind='fixed', mean={REVIEW_SECONDS}}}",
+)  # fmt: skip
+MANUAL = ("--set", "approval.mode='administrator'", "--set", "serve.approval='manual'")
+
+
+class Answer:
+    """An EST answer read off a raw connection."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    @property
+    def certificate(self) -> bytes:
+        assert self.status == 200, self.status
+        [certificate] = decode_certs_only(decode_base64(self.body))
+        return certificate
+
+
+def enroll_on(
+    connection: http.client.HTTPConnection, served: Served, index: int, request: bytes
+) -> Answer:
+    """POST simpleenroll on one (kept-alive) connection, as a device or its poll (a resend)."""
+    who = user_id(index)
+    headers = {
+        "Content-Type": PKCS10,
+        "Authorization": basic_authorization(who, served.credentials()[who]),
+    }
+    connection.request("POST", "/.well-known/est/simpleenroll", encode_base64(request), headers)
+    answer = connection.getresponse()
+    return Answer(answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read())
+
+
+def pinned(served: Served) -> dict[int, http.client.HTTPConnection]:
+    """One kept-alive connection to each worker (by pid), found by asking /health on new
+    connections until every worker has answered one."""
+    found: dict[int, http.client.HTTPConnection] = {}
+    for _ in range(200):
+        connection = http.client.HTTPConnection("127.0.0.1", served.est_port, timeout=30)
+        connection.request("GET", "/health")
+        pid = int(json.loads(connection.getresponse().read())["pid"])
+        if pid in found:
+            connection.close()
+        else:
+            found[pid] = connection
+        if len(found) == served.info["workers"]:
+            return found
+    raise AssertionError("a worker never answered")
+
+
+def transaction(served: Served, transaction: str) -> tuple[str, float, float]:
+    """(status, created, decide_at) of one transaction in the store."""
+    connection = sqlite3.connect(served.store)
+    try:
+        row = connection.execute(
+            "SELECT status, created, decide_at FROM transactions WHERE id = ?", (transaction,)
+        ).fetchone()
+    finally:
+        connection.close()
+    assert row is not None
+    return str(row[0]), float(row[1]), float(row[2])
+
+
+def published_for(served: Served, index: int) -> list[bytes]:
+    """Certificates the store published for user `index`."""
+    dn = user_dn(index).rfc4514_string()
+    found = []
+    for certificate in served.published().values():
+        if x509.load_der_x509_certificate(certificate).subject.rfc4514_string() == dn:
+            found.append(certificate)
+    return found
+
+
+def serial_of(certificate: bytes) -> int:
+    return x509.load_der_x509_certificate(certificate).serial_number
+
+
+def test_serials_are_unique_across_workers(server: ServerFactory) -> None:
+    """200 enrollments, each on a new connection (SO_REUSEPORT spreads them over the two
+    workers, which both served some): 200 certificates, 200 distinct serials, all published."""
+    served = server(workers=2)
+    devices = [device(served, n % 300) for n in range(200)]
+    tickets = run(enroll_all(served, devices, keep_alive=False, concurrency=16))
+    assert {t.status for t in tickets} == {TicketStatus.ISSUED}
+    serials = {serial_of(t.certificate) for t in tickets}
+    assert len(serials) == 200
+    published = served.published()
+    assert {int.from_bytes(s, "big") for s in published} == serials
+    assert set(published.values()) == {t.certificate for t in tickets}
+    snapshots = served.state / "metrics"
+
+    def served_by_each() -> bool:
+        counts = []
+        for path in sorted(snapshots.glob("worker-*.json")):
+            counters = json.loads(path.read_text())["counters"]
+            counts.append(sum(n for name, _, n in counters if name == "requests"))
+        return len(counts) == 2 and all(counts) and sum(counts) == 200
+
+    assert wait_for(served_by_each)
+
+
+@pytest.fixture(scope="module")
+def approving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """Two workers, one simulated administrator taking exactly REVIEW_SECONDS a review."""
+    with serving(tmp_path_factory.mktemp("approving") / "state", *APPROVAL, workers=2) as served:
+        yield served
+
+
+def test_pending_request_found_by_the_other_worker_and_issued_once(approving: Served) -> None:
+    """A request sent to one worker and polled on the other is the same transaction (never
+    queued again); polled by 6 new connections at once after its review, it is issued once."""
+    served, index = approving, 10
+    connections = pinned(served)
+    first, other = connections.values()
+    request = csr(index)
+    answer = enroll_on(first, served, index, request)
+    assert answer.status == 202 and int(answer.headers["retry-after"]) >= 1
+    tid = transaction_id(request)
+    status, created, decide_at = transaction(served, tid)
+    assert status == "pending" and decide_at >= created + REVIEW_SECONDS - 1e-3
+    assert enroll_on(other, served, index, request).status == 202
+    assert transaction(served, tid) == ("pending", created, decide_at)  # found, not queued anew
+    for connection in connections.values():
+        connection.close()
+    wait_for(lambda: time.time() > decide_at + 0.05, timeout=5)
+
+    async def poll_once() -> Answer:
+        def blocking() -> Answer:
+            connection = http.client.HTTPConnection("127.0.0.1", served.est_port, timeout=30)
+            try:
+                return enroll_on(connection, served, index, request)
+            finally:
+                connection.close()
+
+        return await asyncio.to_thread(blocking)
+
+    async def poll_all() -> list[Answer]:
+        return list(await asyncio.gather(*(poll_once() for _ in range(6))))
+
+    answers = run(poll_all())
+    issued = {a.certificate for a in answers if a.status == 200}
+    # a resend after the answer was delivered starts a new enrollment (202): never a second
+    # certificate for the reviewed request
+    assert {a.status for a in answers} <= {200, 202} and len(issued) == 1
+    assert published_for(served, index) == list(issued)
+
+
+def test_reviews_never_exceed_the_administrators(approving: Served) -> None:
+    """Five requests at once to a pool of one administrator with a fixed review time: their
+    decisions are booked at least one review apart, and each is then issued exactly once."""
+    served = approving
+    indices = list(range(20, 25))
+    requests = {n: csr(n) for n in indices}
+    devices = [device(served, n, requests[n]) for n in indices]
+    tickets = run(enroll_all(served, devices, keep_alive=False, concurrency=5))
+    assert {t.status for t in tickets} == {TicketStatus.PENDING}
+    decisions = sorted(transaction(served, transaction_id(r))[2] for r in requests.values())
+    gaps = [later - earlier for earlier, later in itertools.pairwise(decisions)]
+    # wall-clock decide_at is converted from the board's monotonic booking: micro-seconds off
+    assert min(gaps) >= REVIEW_SECONDS - 1e-3, gaps
+    wait_for(lambda: time.time() > decisions[-1] + 0.05, timeout=10)
+    polled = run(enroll_all(served, devices, keep_alive=False, concurrency=5))
+    assert {t.status for t in polled} == {TicketStatus.ISSUED}
+    for n, ticket in zip(indices, polled, strict=True):
+        assert published_for(served, n) == [ticket.certificate]
+
+
+def approve(state: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ENROLLBENCH), "approve", PROFILE, "--state", str(state), *arguments, *MANUAL],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_manual_approval_and_denial(server: ServerFactory) -> None:
+    """With serve.approval='manual' requests wait for `enrollbench approve`: listed with their
+    IDs, then one approved (issued on its next poll) and one denied (403 on its next poll)."""
+    served = server(*MANUAL, workers=2)
+    connection = http.client.HTTPConnection("127.0.0.1", served.est_port, timeout=30)
+    requests = {30: csr(30), 31: csr(31)}
+    for index, request in requests.items():
+        assert enroll_on(connection, served, index, request).status == 202
+    listed = approve(served.state)
+    assert listed.returncode == 0, listed.stderr
+    lines = {line.split()[0]: line.split()[1] for line in listed.stdout.splitlines()}
+    ids = {index: transaction_id(request) for index, request in requests.items()}
+    assert lines == {ids[30]: user_id(30), ids[31]: user_id(31)}
+    assert enroll_on(connection, served, 30, requests[30]).status == 202  # still waiting
+
+    approved = approve(served.state, ids[30])
+    denied = approve(served.state, ids[31], "--deny")
+    assert (approved.returncode, denied.returncode) == (0, 0), approved.stderr + denied.stderr
+    issued = enroll_on(connection, served, 30, requests[30])
+    refused = enroll_on(connection, served, 31, requests[31])
+    assert published_for(served, 30) == [issued.certificate]
+    assert refused.status == 403 and b"ApprovalDeniedError" in refused.body
+    assert published_for(served, 31) == []
+    assert approve(served.state).stdout == ""  # nothing pending any more
+    unknown = approve(served.state, "est:" + "0" * 64)
+    assert unknown.returncode == 2 and "no such pending request" in unknown.stderr
+    connection.close()
