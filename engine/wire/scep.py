@@ -42,6 +42,7 @@ from engine.errors import (
     MalformedAnswerError,
     MalformedDerError,
     MalformedRequestError,
+    ProtocolRefusedError,
     RejectedError,
     UnsupportedKeyError,
 )
@@ -650,7 +651,9 @@ def read_cert_rep(
         detail = f"SCEP FAILURE: failInfo {fail_info_name(reply.fail_info or 0)}"
         if reply.fail_text:
             detail += f": {reply.fail_text[:200]}"
-        return Ticket(tid, TicketStatus.REJECTED, error="ProtocolRefusedError", detail=detail)
+        return Ticket(
+            tid, TicketStatus.REJECTED, error=ProtocolRefusedError.__name__, detail=detail
+        )
     return Ticket(tid, TicketStatus.ISSUED, certificate=_issued_certificate(ready, reply))
 
 
