@@ -82,7 +82,11 @@ def resolve_workers(profile: Profile, override: int | None) -> int:
     cores = os.cpu_count() or 1
     if profile.get("target", "url") == "served":
         cores = max(1, cores - server_workers(profile))
-    return requested or cores
+    workers = requested or cores
+    if profile.get("load", "mode") == "closed":
+        # a shard without a device in flight would never enroll its share of the devices
+        workers = min(workers, int(profile.get("load", "concurrency")))
+    return workers
 
 
 def resolve_target(profile: Profile) -> WireTarget | None:
@@ -356,8 +360,13 @@ def execute(
 
 
 def write_artifacts(folder: Path, material: CAMaterial, shards: Sequence[ShardResult]) -> int:
-    """The CA chain and the sampled certificates as PEM, for `openssl verify`."""
-    certificates = [x509.load_der_x509_certificate(der) for der in material.certificates]
+    """The CA chain (a wire target's, as its devices fetched it) and the sampled certificates
+    as PEM, for `openssl verify`."""
+    fetched = next((shard.chain for shard in shards if shard.chain), ())
+    chain = fetched or material.certificates
+    certificates = [x509.load_der_x509_certificate(der) for der in chain]
+    # the root first: GetCACert need not list it first (and lists an RA beside the CA)
+    certificates.sort(key=lambda c: c.subject != c.issuer)
     (folder / "certs").mkdir(parents=True, exist_ok=True)
     pem = serialization.Encoding.PEM
     (folder / "root.pem").write_bytes(certificates[0].public_bytes(pem))

@@ -90,6 +90,7 @@ class ShardResult:
     interrupted: bool
     samples: list[tuple[str, bytes]]
     serials: list[int] = dataclasses.field(default_factory=list)  # issued by a wire target
+    chain: tuple[bytes, ...] = ()  # a wire target's CA certificates (DER), as fetched
 
 
 class _Times:
@@ -365,7 +366,7 @@ class Shard:
         if outcome.serial is not None:
             if self.wire:
                 self.serials.append(outcome.serial)
-            elif len(self.samples) < self.plan.artifacts_sample:
+            if len(self.samples) < self.plan.artifacts_sample:
                 self.samples.append((identity.user_id, outcome.serial))
         return sink.add(times, outcome)
 
@@ -516,6 +517,7 @@ class Shard:
             interrupted=interrupted,
             samples=self._sample_certificates(),
             serials=self.serials,
+            chain=self.system.cache.peek() if isinstance(self.system, WireSystem) else (),
         )
 
     def _cache_counts(self) -> dict[str, int]:
@@ -526,6 +528,8 @@ class Shard:
     def _sample_certificates(self) -> list[tuple[str, bytes]]:
         if not self.samples:
             return []
+        if isinstance(self.system, WireSystem):
+            return self.system.installed(self.samples)
         system = cast(EnrollmentSystem, self.system)
         found = []
         for user_id, serial in self.samples:

@@ -20,6 +20,7 @@ import os
 import signal
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -42,7 +43,7 @@ from engine.population import device_identity, simulated_enrollee
 from engine.request import RequestTemplate
 from engine.stores import Database, SqliteDeviceStores
 from engine.wire.est import EstClient
-from engine.wire.flow import enroll_over
+from engine.wire.flow import certificate_serial, enroll_over, split_certificates
 from engine.wire.http import HttpClient, Phases
 from engine.wire.seam import DeviceCredentials, EnrollmentClient, HttpResponse
 
@@ -185,6 +186,15 @@ def client_tls(target: WireTarget) -> ssl.SSLContext | None:
     return context
 
 
+class _ChainCache(ChainCache):
+    """The device side's chain cache; `peek` gives what it holds (for the run's artifacts)."""
+
+    def peek(self) -> tuple[bytes, ...]:
+        for _, joined in self._entries.values():
+            return split_certificates(joined)
+        return ()
+
+
 class _Exchange:
     """`HttpClient.request` with this shard's phase totals (connect, TLS, wait)."""
 
@@ -260,7 +270,7 @@ class WireSystem:
             crypto = corpus[n] if corpus is not None else (None, None, None)
             identity = device_identity(enrollee, config.profile_id, *crypto)
             self.identities.append(replace(identity, password=passwords[identity.user_id]))
-        self.cache = ChainCache(config.chain_cache_ttl, time.monotonic)
+        self.cache = _ChainCache(config.chain_cache_ttl, time.monotonic)
         self._clients: list[HttpClient] = []
         keep_alive = profile.get("target", "connection") == "keep-alive"
         self.exchange = _Exchange(self._http(keep_alive=keep_alive))
@@ -338,6 +348,19 @@ class WireSystem:
             recorder,
             poll_timeout=self._poll_timeout,
         )
+
+    def installed(self, samples: Sequence[tuple[str, int]]) -> list[tuple[str, bytes]]:
+        """The certificates devices installed, for the run's artifacts (user ID, DER)."""
+        self._database.flush()
+        found = []
+        for user_id, serial in samples:
+            row = self._database.read_one(
+                "SELECT certificate FROM key_store WHERE device_id = ? ORDER BY rowid DESC",
+                (f"device-{user_id}",),
+            )
+            if row is not None and certificate_serial(bytes(row[0])) == serial:
+                found.append((user_id, bytes(row[0])))
+        return found
 
     def close(self) -> None:
         self._database.close()

@@ -13,7 +13,7 @@ import pytest
 from bench.profile import load_profile
 from bench.results import check_accounting
 from bench.run.merge import build_result
-from bench.run.runner import RunOptions, execute, write_artifacts
+from bench.run.runner import RunOptions, execute, resolve_workers, write_artifacts
 from bench.run.shard import ShardPlan, shard_main
 from tests.conftest import require_tool
 
@@ -186,3 +186,12 @@ def test_one_administrator_pool_whatever_the_workers() -> None:
     assert one["p50_us"] > 100_000 and two["p50_us"] > 100_000
     assert two["p50_us"] == pytest.approx(one["p50_us"], rel=0.15)
     assert two["p90_us"] == pytest.approx(one["p90_us"], rel=0.15)
+
+
+def test_closed_loop_never_has_more_shards_than_devices_in_flight() -> None:
+    """Concurrency 1 over 2 requested shards runs 1 shard: a shard with nothing in flight
+    would never enroll its share of the devices."""
+    assert resolve_workers(load_profile("smoke", ["load.concurrency=1"]), 2) == 1
+    assert resolve_workers(load_profile("smoke", ["load.concurrency=8"]), 2) == 2
+    open_loop = load_profile("smoke", ["load.mode='open'", "load.concurrency=1"])
+    assert resolve_workers(open_loop, 2) == 2
