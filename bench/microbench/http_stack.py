@@ -2,7 +2,7 @@
 
     python -m bench.microbench.http_stack [--rounds 7] [--requests 20000] [--concurrency 32]
                                           [--pin 0 | --client-cpus 0 --server-cpus 1]
-                                          [--fleet] [--quiet 0.2]
+                                          [--fleet [--fleet-requests 1000]] [--quiet 0.2]
 
 A POST of 2 KB answered with 1.2 KB, keep-alive, `--concurrency` requests in flight. Each server
 runs in its own child process on uvloop, the client in this one (on uvloop too): our client
@@ -275,6 +275,7 @@ class Side:
     label: str
     server: ServerProcess
     send: Send
+    requests: int  # per block
 
 
 async def _open_sides(
@@ -287,7 +288,7 @@ async def _open_sides(
         stack.callback(process.close)
         return process
 
-    async def ours(label: str, tls: bool, keep_alive: bool) -> Side:
+    async def ours(label: str, tls: bool, keep_alive: bool, requests: int) -> Side:
         process = server("ours", tls)
         context = _client_tls(tls_dir) if tls else None
         client = HttpClient(
@@ -299,15 +300,15 @@ async def _open_sides(
         )
         stack.push_async_callback(client.close)
         phases[label] = Phases()
-        return Side(label, process, ours_sender(client, phases[label]))
+        return Side(label, process, ours_sender(client, phases[label]), requests)
 
     if options.fleet:
         return [
-            await ours("keep-alive", False, True),
-            await ours("tls-per-request", True, False),
-            await ours("keep-alive'", False, True),
+            await ours("keep-alive", False, True, options.requests),
+            await ours("tls-per-request", True, False, options.fleet_requests),
+            await ours("keep-alive'", False, True, options.requests),
         ], phases
-    sides = [await ours("ours", False, True)]
+    sides = [await ours("ours", False, True, options.requests)]
     try:
         import aiohttp  # noqa: PLC0415 (optional: measured only when installed)
     except ImportError:
@@ -318,8 +319,8 @@ async def _open_sides(
         session = aiohttp.ClientSession(connector=connector)
         stack.push_async_callback(session.close)
         url = f"http://127.0.0.1:{process.port}/"
-        sides.append(Side("aiohttp", process, aiohttp_sender(session, url)))
-    sides.append(await ours("ours'", False, True))
+        sides.append(Side("aiohttp", process, aiohttp_sender(session, url), options.requests))
+    sides.append(await ours("ours'", False, True, options.requests))
     return sides, phases
 
 
@@ -336,13 +337,12 @@ async def compare(options: argparse.Namespace) -> list[list[Block]]:
         async with AsyncExitStack() as stack:
             sides, phases = await _open_sides(options, stack, tls_dir, pin)
             for side in sides:  # warm-up: connections, caches, the allocator
-                await run_block(
-                    side.label, side.send, side.server.pid, options.warmup, options.concurrency
-                )
+                warmup = min(options.warmup, side.requests)
+                await run_block(side.label, side.send, side.server.pid, warmup, options.concurrency)
             for phase in phases.values():  # count the measured blocks only
                 phase.connect_ns = phase.tls_ns = phase.wait_ns = phase.connections = 0
             rounds, attempts = await _measure_rounds(sides, options)
-            _print_phases(phases, attempts * options.requests)
+            _print_phases(phases, {s.label: attempts * s.requests for s in sides})
     return rounds
 
 
@@ -358,7 +358,7 @@ async def _measure_rounds(
         order = sides if attempts % 2 == 0 else sides[::-1]  # no side always runs first
         attempts += 1
         blocks = [
-            await run_block(s.label, s.send, s.server.pid, options.requests, options.concurrency)
+            await run_block(s.label, s.send, s.server.pid, s.requests, options.concurrency)
             for s in order
         ]
         blocks.sort(key=lambda block: labels.index(block.side))
@@ -382,9 +382,10 @@ def _block_line(block: Block) -> str:
     )
 
 
-def _print_phases(phases: dict[str, Phases], count: int) -> None:
-    """Each side's mean client phases over every measured block (`count` requests)."""
+def _print_phases(phases: dict[str, Phases], counts: dict[str, int]) -> None:
+    """Each side's mean client phases over every measured block (`counts` requests)."""
     for label, phase in phases.items():
+        count = counts[label]
         print(
             f"{label} client phases per request: connect {phase.connect_ns / count / 1e3:.1f} µs, "
             f"TLS {phase.tls_ns / count / 1e3:.1f} µs, wait {phase.wait_ns / count / 1e3:.1f} µs, "
@@ -435,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--client-cpus", type=int, nargs="+", help="CPUs for the client")
     parser.add_argument("--server-cpus", type=int, nargs="+", help="CPUs for the servers")
     parser.add_argument("--fleet", action="store_true", help="TLS per request vs keep-alive")
+    parser.add_argument(
+        "--fleet-requests", type=int, default=1000, help="requests per TLS-per-request block"
+    )
     parser.add_argument(
         "--quiet", type=float, help="discard rounds where other processes kept this many CPUs busy"
     )

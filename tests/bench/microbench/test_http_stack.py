@@ -42,7 +42,7 @@ def test_tiny_live_run(capsys: pytest.CaptureFixture[str], fleet: bool) -> None:
     """One small round against real child servers prints every side and the ratios."""
     argv = ["--rounds", "1", "--requests", "60", "--concurrency", "4", "--warmup", "20"]
     argv += ["--quiet", "100"]  # never discards: the path runs, the test stays deterministic
-    assert main([*argv, "--fleet"] if fleet else argv) == 0
+    assert main([*argv, "--fleet", "--fleet-requests", "30"] if fleet else argv) == 0
     output = capsys.readouterr().out
     if fleet:
         assert "ratio keep-alive/tls-per-request requests/s: median" in output
