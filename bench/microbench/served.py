@@ -90,7 +90,8 @@ def do_nothing(requests: int, concurrency: int) -> tuple[float, float]:
                 await client.close()
             return block.client_us, block.server_us
 
-        return _run(measure())
+        figures: tuple[float, float] = _run(measure())
+        return figures
     finally:
         server.close()
 

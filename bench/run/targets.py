@@ -26,10 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import AttributeOID
 
 from bench.errors import UsageError
 from bench.profile import Profile
@@ -37,7 +34,6 @@ from engine.chaincache import ChainCache
 from engine.device import Device, DeviceIdentity, DeviceProfile
 from engine.errors import EnrollmentError
 from engine.flow import Outcome, StepRecorder
-from engine.identity import User
 from engine.keys import KeyFamily, PrivateKey, key_spec, load_private_key
 from engine.population import device_identity, simulated_enrollee
 from engine.request import RequestTemplate
@@ -45,7 +41,8 @@ from engine.stores import Database, SqliteDeviceStores
 from engine.wire.est import EstClient
 from engine.wire.flow import certificate_serial, enroll_over, split_certificates
 from engine.wire.http import HttpClient, Phases
-from engine.wire.seam import DeviceCredentials, EnrollmentClient, HttpResponse
+from engine.wire.scep import ScepClient, add_challenge_password
+from engine.wire.seam import DeviceCredentials, EnrollmentClient, HttpResponse, Ticket
 
 if TYPE_CHECKING:
     from bench.run.shard import ShardPlan
@@ -163,8 +160,6 @@ def probe(target: WireTarget) -> None:
             if target.protocol == "est":
                 client = EstClient(exchange, target.path)
             else:
-                from engine.wire.scep import ScepClient  # noqa: PLC0415 (SCEP targets only)
-
                 client = ScepClient(exchange, target.path)
             await client.ca_certificates()
         finally:
@@ -212,29 +207,43 @@ class _Exchange:
         return await self.client.request(method, target, headers, body, self.phases)
 
 
-class _Precomputed:
-    """A client whose protocol messages were prepared before the clock (SCEP pkiMessages),
-    and whose devices' keys are known (SCEP decrypts the reply with them)."""
+class _ScepDevices:
+    """The SCEP client with what its devices bring: their keys (the reply is enveloped to the
+    device's key), a challengePassword in every request, and the pkiMessages prepared before
+    the clock when device crypto is precomputed."""
 
     def __init__(
-        self, client: EnrollmentClient, keys: dict[str, PrivateKey], prepared: dict[str, object]
+        self,
+        client: EnrollmentClient,
+        keys: dict[str, PrivateKey],
+        prepared: dict[str, object],
+        challenge: str,
     ) -> None:
         self.client = client
         self.keys = keys
         self.prepared = prepared
+        self.challenge = challenge
 
     async def ca_certificates(self) -> tuple[bytes, ...]:
         return await self.client.ca_certificates()
 
     def prepare(self, device: DeviceCredentials, ca: tuple[bytes, ...]) -> object:
         ready = self.prepared.get(device.device_id)
-        return ready if ready is not None else self.client.prepare(self._keyed(device), ca)
+        if ready is not None:
+            return ready
+        device = self._keyed(device)
+        if not isinstance(device.key, rsa.RSAPrivateKey):  # pragma: no cover (check_target)
+            raise UsageError("SCEP devices need RSA keys")
+        request = add_challenge_password(
+            device.request_der, device.key, self.challenge or device.password
+        )
+        return self.client.prepare(device._replace(request_der=request), ca)
 
-    async def submit(self, device: DeviceCredentials, prepared: object) -> object:
+    async def submit(self, device: DeviceCredentials, prepared: object) -> Ticket:
         return await self.client.submit(self._keyed(device), prepared)
 
-    async def poll(self, device: DeviceCredentials, prepared: object, ticket: object) -> object:
-        return await self.client.poll(self._keyed(device), prepared, ticket)  # type: ignore[arg-type]
+    async def poll(self, device: DeviceCredentials, prepared: object, ticket: Ticket) -> Ticket:
+        return await self.client.poll(self._keyed(device), prepared, ticket)
 
     async def close(self) -> None:
         await self.client.close()
@@ -292,8 +301,6 @@ class WireSystem:
     def _client(self, exchange: _Exchange) -> EnrollmentClient:
         if self.target.protocol == "est":
             return EstClient(exchange, self.target.path)
-        from engine.wire.scep import ScepClient  # noqa: PLC0415 (loaded for SCEP targets only)
-
         client: EnrollmentClient = ScepClient(exchange, self.target.path)
         return client
 
@@ -318,16 +325,21 @@ class WireSystem:
             if identity.key_der is None:
                 continue  # live keys: the request is built on the clock
             key = load_private_key(identity.key_der)
+            if not isinstance(key, rsa.RSAPrivateKey):  # pragma: no cover (check_target)
+                raise UsageError("SCEP devices need RSA keys")
             keys[identity.device_id] = key
-            user = self.users[identity.user_id]
-            request = scep_request(key, user, challenge or identity.password)
+            if identity.request_der is None:
+                continue
+            request = add_challenge_password(
+                identity.request_der, key, challenge or identity.password
+            )
             self.identities[n] = replace(identity, request_der=request)
             if precomputed:
                 credentials = DeviceCredentials(
                     identity.device_id, identity.user_id, identity.password, key, request
                 )
                 prepared[identity.device_id] = client.prepare(credentials, ca)
-        return _Precomputed(client, keys, prepared)  # type: ignore[return-value]
+        return _ScepDevices(client, keys, prepared, challenge)
 
     @property
     def approvals_pending(self) -> int:
@@ -364,19 +376,6 @@ class WireSystem:
 
     def close(self) -> None:
         self._database.close()
-
-
-def scep_request(key: PrivateKey, user: User, challenge: str) -> bytes:
-    """A PKCS #10 request with the user's DN and names and a challengePassword (RFC 8894
-    3.3.1; RFC 2985 5.4.1), signed with the device's RSA key."""
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise UsageError("SCEP devices need RSA keys")
-    builder = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name.from_rfc4514_string(user.dn.text))
-        .add_attribute(AttributeOID.CHALLENGE_PASSWORD, challenge.encode())
-    )
-    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
 def _corpus(plan: ShardPlan) -> list[tuple[bytes, bytes, bytes]] | None:
