@@ -836,6 +836,18 @@ def test_silent_server_times_out(run: Run[Any]) -> None:
         run(scenario())
 
 
+def test_silent_tls_handshake_times_out(run: Run[Any], pki: Pki) -> None:
+    """A peer that accepts but never answers the ClientHello: TargetTimeoutError."""
+
+    async def scenario() -> None:
+        async with raw_server(lambda c, r: None) as port:
+            context = client_context(pki, False)
+            await HttpClient("127.0.0.1", port, ssl=context, timeout=0.3).request("GET", "/")
+
+    with pytest.raises(TargetTimeoutError, match="TLS"):
+        run(scenario())
+
+
 def test_answer_until_close_is_read_whole(run: Run[Any]) -> None:
     """An answer without Content-Length ends at the server's close (RFC 9112 6.3)."""
     legacy = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end"
