@@ -160,7 +160,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _capacity(args: argparse.Namespace) -> int:
-    profile = load_profile(args.profile, list(args.set))
+    overrides = list(args.set)
+    if args.target is not None:
+        overrides.append(f"target.url={json.dumps(args.target)}")
+    if args.allow_remote:
+        overrides.append("target.allow_remote=true")
+    profile = load_profile(args.profile, overrides)
     out = args.out or _default_out(profile.name, "-capacity")
     if args.out is None:
         out.parent.mkdir(exist_ok=True)
@@ -313,6 +318,8 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--out", type=Path)
     cap.add_argument("--quiet", action="store_true")
     cap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cap.add_argument("--target", help="the CA to measure (as for run)")
+    cap.add_argument("--allow-remote", action="store_true", help="allow a target beyond loopback")
     return parser
 
 

@@ -258,6 +258,23 @@ def _target_block(output: RunOutput) -> dict[str, Any]:
     return block
 
 
+def _phases(shards: Sequence[ShardResult]) -> dict[str, float]:
+    """The wire client's phases per enrollment started, in microseconds (connect, TLS handshake,
+    request written to first byte), and the connections it opened per enrollment. Poll waits
+    are the client's `issue` step."""
+    started = max(1, sum(s.started for s in shards))
+    total = {key: sum(s.phases.get(key, 0) for s in shards) for key in _PHASE_KEYS}
+    return {
+        "connect_us_per_enrollment": round(total["connect_ns"] / started / 1000, 1),
+        "tls_us_per_enrollment": round(total["tls_ns"] / started / 1000, 1),
+        "wait_us_per_enrollment": round(total["wait_ns"] / started / 1000, 1),
+        "connections_per_enrollment": round(total["connections"] / started, 3),
+    }
+
+
+_PHASE_KEYS = ("connect_ns", "tls_ns", "wait_ns", "connections")
+
+
 def step_places(wire: bool, precomputed: Collection[str]) -> dict[str, str]:
     """Where each step's time was measured: "in-process" (embedded: the whole flow in the
     shard), "client" (the generator, against a wire target), "round-trip" (done by the server
@@ -344,7 +361,14 @@ def _generator_block(
         "generator_core_share": round(core_share, 4),
         "shard_cpu_utilization": round(cpu / elapsed if elapsed else 0.0, 3),
         "timer_error": timer_error,
-        **({"client_cpu_us_per_enrollment": per_enrollment(cpu, shards)} if wire else {}),
+        **(
+            {
+                "client_cpu_us_per_enrollment": per_enrollment(cpu, shards),
+                "client_phases": _phases(shards),
+            }
+            if wire
+            else {}
+        ),
         "generator_bound": bool(reasons),
         "reasons": reasons,
     }

@@ -91,6 +91,7 @@ class ShardResult:
     samples: list[tuple[str, bytes]]
     serials: list[int] = dataclasses.field(default_factory=list)  # issued by a wire target
     chain: tuple[bytes, ...] = ()  # a wire target's CA certificates (DER), as fetched
+    phases: dict[str, int] = dataclasses.field(default_factory=dict)  # a wire client's, summed
 
 
 class _Times:
@@ -518,6 +519,7 @@ class Shard:
             samples=self._sample_certificates(),
             serials=self.serials,
             chain=self.system.cache.peek() if isinstance(self.system, WireSystem) else (),
+            phases=self.system.phases() if isinstance(self.system, WireSystem) else {},
         )
 
     def _cache_counts(self) -> dict[str, int]:

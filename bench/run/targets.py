@@ -361,6 +361,17 @@ class WireSystem:
             poll_timeout=self._poll_timeout,
         )
 
+    def phases(self) -> dict[str, int]:
+        """The HTTP client's phases over the run: connect, TLS handshake and wait (request
+        written to the first byte of the answer), in ns, and the connections opened."""
+        phases = self.exchange.phases
+        return {
+            "connect_ns": phases.connect_ns,
+            "tls_ns": phases.tls_ns,
+            "wait_ns": phases.wait_ns,
+            "connections": phases.connections,
+        }
+
     def installed(self, samples: Sequence[tuple[str, int]]) -> list[tuple[str, bytes]]:
         """The certificates devices installed, for the run's artifacts (user ID, DER)."""
         self._database.flush()

@@ -134,6 +134,22 @@ def test_served_run_issues_every_device(tmp_path: Path, protocol: str, extra: li
     serials = (tmp_path / "result.serials").read_text().split()
     assert len(set(serials)) == 60
     assert result["generator"]["client_cpu_us_per_enrollment"] > 0
+    # keep-alive: the pool's connections are reused (16 in flight, 60 enrollments)
+    assert result["generator"]["client_phases"]["connections_per_enrollment"] < 1
+
+
+def test_per_device_connections_open_one_tls_connection_each(tmp_path: Path) -> None:
+    """A fleet: a new TLS connection per request, its handshake timed apart from connect."""
+    _, result = _run(
+        tmp_path,
+        "--target", "served", "--devices", "30",
+        "--set", "target.connection='per-device'",
+    )  # fmt: skip
+    assert result["outcomes"]["issued"] == 30
+    phases = result["generator"]["client_phases"]
+    assert phases["connections_per_enrollment"] >= 1
+    assert phases["tls_us_per_enrollment"] > 0
+    assert phases["connect_us_per_enrollment"] > 0
 
 
 @pytest.fixture
