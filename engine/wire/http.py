@@ -116,7 +116,7 @@ class _StopParsingError(Exception):
 _Work = tuple[HttpRequest, bool] | _Refusal  # a parsed request and whether to keep alive
 
 
-def encode_answer(response: HttpResponse, keep_alive: bool, head: bool) -> bytes:
+def _encode_answer(response: HttpResponse, keep_alive: bool, head: bool) -> bytes:
     """The answer's bytes: status line, Date, Content-Length, Content-Type, extra headers."""
     status = response.status
     lines = [
@@ -372,10 +372,10 @@ class _ServerConnection(asyncio.Protocol):
 
     def _encode(self, response: HttpResponse, keep_alive: bool, method: str) -> bytes:
         try:
-            return encode_answer(response, keep_alive, method == "HEAD")
+            return _encode_answer(response, keep_alive, method == "HEAD")
         except Exception as exc:  # a header the handler built cannot be sent
             self._handler_failed(exc)
-            return encode_answer(HttpResponse(500), keep_alive, method == "HEAD")
+            return _encode_answer(HttpResponse(500), keep_alive, method == "HEAD")
 
     def _handler_failed(self, exc: BaseException) -> None:
         # the type only: a message may quote the request (passwords, keys)
@@ -395,7 +395,7 @@ class _ServerConnection(asyncio.Protocol):
     def _write_refusal(self, status: int) -> None:
         transport = self._transport
         assert transport is not None
-        transport.write(encode_answer(HttpResponse(status), keep_alive=False, head=False))
+        transport.write(_encode_answer(HttpResponse(status), keep_alive=False, head=False))
         if transport.can_write_eof():
             # keep reading (and discarding) a while: closing with unread input sends a reset,
             # which can destroy the answer before the client reads it
