@@ -388,7 +388,21 @@ def manifest_warnings(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     ]
     if first.get("profile_sha256") != second.get("profile_sha256"):
         warnings.append(f"profiles differ ({first.get('profile')} vs {second.get('profile')})")
+    kinds = [_target_kind(m) for m in (first, second)]
+    if kinds[0] != kinds[1]:
+        warnings.append(
+            f"targets differ ({kinds[0]} vs {kinds[1]}): a step measured in-process, on a "
+            f"client or on a server means different work (latency.step_places)"
+        )
     return warnings
+
+
+def _target_kind(manifest: Mapping[str, Any]) -> str:
+    """What a run measured: `embedded`, or protocol and transport of its wire target."""
+    target = manifest.get("target") or {"kind": "embedded"}
+    if target.get("kind", "embedded") == "embedded":
+        return "embedded"
+    return f"{target['kind']} {target.get('protocol')}{'+tls' if target.get('tls') else ''}"
 
 
 def unsteady(result: Mapping[str, Any]) -> float | None:

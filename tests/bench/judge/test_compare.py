@@ -188,6 +188,21 @@ def test_manifest_differences_are_warned(result_factory: Factory) -> None:
     assert "openssl differs" in warnings and "workers differs" in warnings
 
 
+def test_different_targets_are_warned(result_factory: Factory) -> None:
+    """Embedded against a served EST CA: the step rows mean different work, and it says so."""
+    a = result_factory(seed=1)
+    b = copy.deepcopy(a)
+    assert not any("targets differ" in w for w in manifest_warnings(a, b))
+    b["manifest"]["target"] = {
+        "url": "est+https://x",
+        "kind": "served",
+        "protocol": "est",
+        "tls": True,
+    }
+    warnings = " ".join(manifest_warnings(a, b))
+    assert "targets differ (embedded vs served est+tls)" in warnings
+
+
 def test_an_unsteady_run_is_warned(result_factory: Factory, tmp_path: Path) -> None:
     """A run whose issued/s swung from second to second is named in a warning."""
     a = result_factory(seed=1)
