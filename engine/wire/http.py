@@ -165,6 +165,7 @@ class _ServerConnection(asyncio.Protocol):
         self._eof = False
         self._lost = False
         self._paused_reading = False
+        self._queued_bytes = 0  # body bytes of the requests parsed but not yet answered
         self._can_write: asyncio.Future[None] | None = None  # set while the transport is full
 
     # -- transport events ---------------------------------------------------------------------
@@ -289,11 +290,16 @@ class _ServerConnection(asyncio.Protocol):
         request = self._make_request()
         keep_alive = self._parser.should_keep_alive() and not self._last
         self._queue.append((request, keep_alive))
+        self._queued_bytes += len(request.body)
         self._body = []
-        if len(self._queue) >= _MAX_QUEUED and not self._paused_reading and self._transport:
+        if not self._paused_reading and self._transport and self._backlogged():
             self._paused_reading = True  # a pipelining client gets no more than we answer
             self._transport.pause_reading()
         self._start_serving()
+
+    def _backlogged(self) -> bool:
+        """Too much parsed ahead of the answers (a count, or bodies: memory per connection)."""
+        return len(self._queue) >= _MAX_QUEUED or self._queued_bytes > self._limits.max_body
 
     def _count_head(self, size: int) -> None:
         self._head_bytes += size
@@ -332,6 +338,7 @@ class _ServerConnection(asyncio.Protocol):
                 request, keep_alive = work
                 response = await self._answer(request)
                 self._queue.popleft()
+                self._queued_bytes -= len(request.body)
                 if self._lost:
                     return
                 # decided after the handler: a stop() or an EOF may have come meanwhile
@@ -342,7 +349,7 @@ class _ServerConnection(asyncio.Protocol):
                 if not keep_alive:
                     self._transport.close()
                     return
-                if self._paused_reading and len(self._queue) < _MAX_QUEUED // 2:
+                if self._paused_reading and not self._backlogged():
                     self._paused_reading = False
                     self._transport.resume_reading()
                 if self._can_write is not None:

@@ -254,6 +254,24 @@ def test_many_pipelined_requests_all_answered(run: Run[Any]) -> None:
     assert paths == [b"/%d" % i for i in range(count - 1)] + [b"/last"]
 
 
+def test_pipelined_bodies_answered_while_reading_pauses_on_bytes(run: Run[Any]) -> None:
+    """Pipelined bodies that together exceed max_body are each served, in order."""
+    posts = b"".join(
+        b"POST /%d HTTP/1.1\r\nContent-Length: 900\r\n\r\n" % i + bytes([65 + i]) * 900
+        for i in range(10)
+    )
+
+    async def scenario() -> bytes:
+        async with serving(limits=HttpLimits(max_body=1000)) as served:
+            return await exchange_raw(served.port, posts, half_close=True)
+
+    answer = run(scenario())
+    assert statuses(answer) == [200] * 10
+    assert [body[:1] for body in re.findall(rb"\r\n\r\n([A-Z]+)", answer)] == [
+        bytes([65 + i]) for i in range(10)
+    ]
+
+
 def test_expect_continue_invites_the_body(run: Run[Any]) -> None:
     """Expect: 100-continue gets an interim 100 before the body is sent, then the answer."""
 
