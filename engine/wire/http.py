@@ -167,6 +167,7 @@ class _ServerConnection(asyncio.Protocol):
         self._paused_reading = False
         self._queued_bytes = 0  # body bytes of the requests parsed but not yet answered
         self._can_write: asyncio.Future[None] | None = None  # set while the transport is full
+        self._write_paused_at = 0.0
 
     # -- transport events ---------------------------------------------------------------------
 
@@ -198,6 +199,7 @@ class _ServerConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._can_write = self._loop.create_future()
+        self._write_paused_at = self._loop.time()
 
     def resume_writing(self) -> None:
         if self._can_write is not None and not self._can_write.done():
@@ -425,8 +427,12 @@ class _ServerConnection(asyncio.Protocol):
     # -- timers (the server's sweeper calls these) --------------------------------------------
 
     def check(self, now: float) -> None:
-        """Enforce the request timeout, the idle timeout and the refusal linger."""
+        """Enforce the request timeout, the idle timeout (also on a client that stopped reading
+        its answers) and the refusal linger."""
         if self._lost or self._transport is None:
+            return
+        if self._can_write is not None and now - self._write_paused_at > self._limits.idle_timeout:
+            self._transport.abort()  # it stopped reading its answers: nothing more will reach it
             return
         if self._linger_until:
             if now >= self._linger_until:

@@ -530,6 +530,26 @@ def test_idle_keep_alive_closed_quietly(run: Run[Any]) -> None:
     assert counts == []
 
 
+def test_client_that_stops_reading_is_dropped(run: Run[Any]) -> None:
+    """A client that pipelines but never reads the answers is cut off after idle_timeout."""
+    big = b"b" * (1 << 20)
+
+    async def large(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(200, body=big)
+
+    async def scenario() -> int:
+        async with serving(large, limits=HttpLimits(idle_timeout=0.3)) as served:
+            _, writer = await asyncio.open_connection("127.0.0.1", served.port)
+            writer.transport.set_write_buffer_limits(high=1 << 24)
+            writer.write(b"GET / HTTP/1.1\r\n\r\n" * 30)  # 30 MB of answers nobody reads
+            while served.server.connections:  # bounded by the test's timeout
+                await asyncio.sleep(0.05)
+            writer.close()
+            return len(served.server.connections)
+
+    assert run(scenario()) == 0
+
+
 def test_handler_error_is_500_and_logs_only_the_type(
     run: Run[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
