@@ -86,6 +86,17 @@ class NullRecorder:
 NULL_RECORDER = NullRecorder()
 
 
+def ended(device_id: str, step: Step, exc: Exception) -> Outcome:
+    """The outcome of an enrollment that raised `exc` at `step`: rejected with a policy's
+    reason, failed with an engine error's type, or failed "unexpected" with only the type of
+    anything else (an arbitrary message could carry secrets)."""
+    if isinstance(exc, RejectedError):
+        return Outcome(device_id, Status.REJECTED, step, exc.reason, type(exc).__name__, str(exc))
+    if isinstance(exc, EnrollmentError):
+        return Outcome(device_id, Status.FAILED, step, exc.reason, type(exc).__name__, str(exc))
+    return Outcome(device_id, Status.FAILED, step, "unexpected", type(exc).__name__)
+
+
 async def enroll(  # noqa: PLR0915 (the 14 steps, written out in the seed's order)
     device: Device,
     connection: ConnectionService,
@@ -156,12 +167,7 @@ async def enroll(  # noqa: PLR0915 (the 14 steps, written out in the seed's orde
         step = Step.INSTALL
         mark(step)
         await device.install(certificate)
-    except RejectedError as exc:
-        return Outcome(device_id, Status.REJECTED, step, exc.reason, type(exc).__name__, str(exc))
-    except EnrollmentError as exc:
-        return Outcome(device_id, Status.FAILED, step, exc.reason, type(exc).__name__, str(exc))
     except Exception as exc:
-        # Only the type is kept: an arbitrary message could carry secrets.
-        return Outcome(device_id, Status.FAILED, step, "unexpected", type(exc).__name__)
+        return ended(device_id, step, exc)
     recorder.finish()
     return Outcome(device_id, Status.ISSUED, Step.INSTALL, serial=issued.serial)

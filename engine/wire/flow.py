@@ -20,15 +20,13 @@ from typing import TYPE_CHECKING
 from engine import _der
 from engine.certificate import certificate_spki
 from engine.errors import (
-    EnrollmentError,
     KeyMismatchError,
     MalformedAnswerError,
     ProtocolRefusedError,
-    RejectedError,
     TargetTimeoutError,
     WireError,
 )
-from engine.flow import NULL_RECORDER, Outcome, Status, Step, StepRecorder
+from engine.flow import NULL_RECORDER, Outcome, Status, Step, StepRecorder, ended
 from engine.request import split_request
 from engine.wire.seam import DeviceCredentials, EnrollmentClient, Ticket, TicketStatus
 
@@ -116,17 +114,8 @@ async def enroll_over(
         step = Step.INSTALL
         mark(step)
         await device.install(ticket.certificate)
-    except RejectedError as exc:
-        return Outcome(
-            identity.device_id, Status.REJECTED, step, exc.reason, type(exc).__name__, str(exc)
-        )
-    except EnrollmentError as exc:
-        return Outcome(
-            identity.device_id, Status.FAILED, step, exc.reason, type(exc).__name__, str(exc)
-        )
     except Exception as exc:
-        # Only the type is kept: an arbitrary message could carry secrets.
-        return Outcome(identity.device_id, Status.FAILED, step, "unexpected", type(exc).__name__)
+        return ended(identity.device_id, step, exc)
     recorder.finish()
     return Outcome(identity.device_id, Status.ISSUED, Step.INSTALL, serial=serial)
 
