@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 from cryptography import x509
 
 from bench.errors import UsageError
+from bench.microbench.versus_micromdm import CHALLENGE_ENV, micromdm
 from bench.profile import load_profile
 from bench.run.targets import check_target, is_loopback, parse_target
 from tests.bench.conftest import run_cli
@@ -229,34 +229,11 @@ def test_target_dying_mid_run_ends_devices_failed_with_a_type(
 
 @pytest.fixture
 def scepserver(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """micromdm's scepserver 2.1.0 on a fresh depot, challenge from the environment; it
-    listens on every interface, so only 127.0.0.1 is spoken to."""
-    tool = require_tool("scepserver")
-    depot = tmp_path / "depot"
-    subprocess.run(
-        [tool, "ca", "-init", "-depot", str(depot), "-keySize", "2048"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [tool, "-depot", str(depot), "-port", str(port), "-challenge", "s3cret"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert process.poll() is None, "scepserver exited"
-            with socket.socket() as attempt:
-                if attempt.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline, "scepserver did not listen"
-            time.sleep(0.05)
-        yield f"scep+http://127.0.0.1:{port}/scep", depot / "ca.pem"
-    finally:
-        process.terminate()
-        process.wait(10)
+    """micromdm's scepserver 2.1.0 on a fresh depot (127.0.0.1 only), its challenge in the
+    environment variable the benchmark uses."""
+    require_tool("scepserver")
+    with micromdm(tmp_path) as url:
+        yield url, tmp_path / "depot" / "ca.pem"
 
 
 @pytest.mark.server
@@ -269,12 +246,11 @@ def test_run_against_micromdm_scepserver(tmp_path: Path, scepserver: tuple[str, 
     done = subprocess.run(
         [str(ENROLLBENCH), "run", "smoke", "--quiet", "--out", str(out), "--target", url,
          "--concurrency", "1", "--devices", "12", "--artifacts", str(artifacts),
-         "--set", "device.key='rsa2048'", "--set", "target.challenge_env='SCEP_CHALLENGE'"],
+         "--set", "device.key='rsa2048'", "--set", f"target.challenge_env='{CHALLENGE_ENV}'"],
         capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "SCEP_CHALLENGE": "s3cret"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "s3cret" not in done.stdout + done.stderr + out.read_text()
+    assert os.environ[CHALLENGE_ENV] not in done.stdout + done.stderr + out.read_text()
     result = json.loads(out.read_text())
     assert result["outcomes"]["issued"] == result["outcomes"]["started"] == 12
     certificates = sorted((artifacts / "certs").glob("*.pem"))
