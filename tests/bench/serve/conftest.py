@@ -229,9 +229,10 @@ async def enroll_all(
     *,
     keep_alive: bool = True,
     concurrency: int = 8,
+    timeout: float = 30.0,
 ) -> list[Ticket]:
     """simpleenroll each device once (EST over plain HTTP); the tickets in order."""
-    http = HttpClient("127.0.0.1", served.est_port, keep_alive=keep_alive, timeout=30)
+    http = HttpClient("127.0.0.1", served.est_port, keep_alive=keep_alive, timeout=timeout)
     client = EstClient(http.request)
     gate = asyncio.Semaphore(concurrency)
 
