@@ -9,8 +9,11 @@ Server: keep-alive (HTTP/1.1 by default, HTTP/1.0 only when asked), pipelined re
 in order, Content-Length and chunked request bodies, HEAD. Bad input never escapes a connection:
 malformed HTTP -> 400, head over the limit -> 431, body over the limit -> 413 (refused on its
 Content-Length before any of it is read), a request not fully in within `request_timeout` -> 408;
-each answer closes its connection and calls `count(kind)`. A handler that raises -> 500, its
-exception type logged, never its message (it may carry request data).
+each answer closes its connection and calls `count(kind)` ("malformed-http", "head-too-large",
+"body-too-large", "slow-client"). A handler that raises -> 500 and "handler-error", its
+exception type logged, never its message (it may carry request data). An idle keep-alive
+connection, or one whose client stopped reading its answers, is closed after `idle_timeout`.
+`Expect: 100-continue` is honoured; an Upgrade is answered as plain HTTP, then closed.
 
 Client: a pool of keep-alive connections, or a new connection per request (a fleet); TLS is
 started on a connected socket so that the handshake is timed apart from the TCP connect
