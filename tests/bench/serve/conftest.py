@@ -196,6 +196,23 @@ def server(tmp_path: Path) -> Iterator[ServerFactory]:
         stack.close()
 
 
+def pinned(served: Served) -> dict[int, http.client.HTTPConnection]:
+    """One kept-alive connection to each worker (by pid), found by asking /health on new
+    connections until every worker has answered one."""
+    found: dict[int, http.client.HTTPConnection] = {}
+    for _ in range(200):
+        connection = http.client.HTTPConnection("127.0.0.1", served.est_port, timeout=30)
+        connection.request("GET", "/health")
+        pid = int(json.loads(connection.getresponse().read())["pid"])
+        if pid in found:
+            connection.close()
+        else:
+            found[pid] = connection
+        if len(found) == served.info["workers"]:
+            return found
+    raise AssertionError("a worker never answered")
+
+
 # ---- devices and their requests ----
 
 

@@ -33,6 +33,7 @@ from tests.bench.serve.conftest import (
     csr,
     device,
     enroll_all,
+    pinned,
     run,
     serving,
     user_dn,
@@ -76,23 +77,6 @@ def enroll_on(
     connection.request("POST", "/.well-known/est/simpleenroll", encode_base64(request), headers)
     answer = connection.getresponse()
     return Answer(answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read())
-
-
-def pinned(served: Served) -> dict[int, http.client.HTTPConnection]:
-    """One kept-alive connection to each worker (by pid), found by asking /health on new
-    connections until every worker has answered one."""
-    found: dict[int, http.client.HTTPConnection] = {}
-    for _ in range(200):
-        connection = http.client.HTTPConnection("127.0.0.1", served.est_port, timeout=30)
-        connection.request("GET", "/health")
-        pid = int(json.loads(connection.getresponse().read())["pid"])
-        if pid in found:
-            connection.close()
-        else:
-            found[pid] = connection
-        if len(found) == served.info["workers"]:
-            return found
-    raise AssertionError("a worker never answered")
 
 
 def transaction(served: Served, transaction: str) -> tuple[str, float, float]:
