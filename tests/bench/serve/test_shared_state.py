@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import AttributeOID
 
 from engine.wire.est import (
     PKCS10,
@@ -24,7 +27,9 @@ from engine.wire.est import (
     encode_base64,
     transaction_id,
 )
-from engine.wire.seam import TicketStatus
+from engine.wire.http import HttpClient
+from engine.wire.scep import ScepClient
+from engine.wire.seam import DeviceCredentials, Ticket, TicketStatus
 from tests.bench.serve.conftest import (
     ENROLLBENCH,
     PROFILE,
@@ -42,6 +47,7 @@ from tests.bench.serve.conftest import (
 )
 
 REVIEW_SECONDS = 0.3
+WIRE_VECTORS = Path(__file__).parents[2] / "engine" / "wire" / "vectors"
 APPROVAL = (
     "--set", "approval.mode='administrator'",
     "--set", "approval.administrators=1",
@@ -233,3 +239,48 @@ def test_manual_approval_and_denial(server: ServerFactory) -> None:
     unknown = approve(served.state, "est:" + "0" * 64)
     assert unknown.returncode == 2 and "no such pending request" in unknown.stderr
     connection.close()
+
+
+def scep_device(served: Served, index: int, key_name: str) -> DeviceCredentials:
+    """An RSA device (fixed vector key) whose request carries its user's password as the
+    challengePassword (RFC 8894 3.3.1)."""
+    key = serialization.load_pem_private_key((WIRE_VECTORS / f"{key_name}.pem").read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    who = user_id(index)
+    password = served.credentials()[who]
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(user_dn(index))
+        .add_attribute(AttributeOID.CHALLENGE_PASSWORD, password.encode())
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    return DeviceCredentials(f"device-{who}", who, password, key, request)
+
+
+def test_scep_pending_then_certpoll_on_new_connections(approving: Served) -> None:
+    """SCEP PKCSReq to the approval queue: PENDING; CertPolls on new connections (either
+    worker) stay PENDING until the review ends, then SUCCESS with the one certificate issued."""
+    served, index = approving, 50
+    credentials = scep_device(served, index, "rsa2048-device-2")
+
+    async def scenario() -> list[Ticket]:
+        http = HttpClient("127.0.0.1", served.scep_port, keep_alive=False, timeout=30)
+        client = ScepClient(http.request)
+        try:
+            ca = await client.ca_certificates()
+            prepared = client.prepare(credentials, ca, transaction_id="serve-test-50")
+            tickets = [await client.submit(credentials, prepared)]
+            while tickets[-1].status is TicketStatus.PENDING and len(tickets) < 200:
+                await asyncio.sleep(0.05)
+                tickets.append(await client.poll(credentials, prepared, tickets[-1]))
+            return tickets
+        finally:
+            await http.close()
+
+    tickets = run(scenario())
+    assert [t.status for t in tickets[:-1]] == [TicketStatus.PENDING] * (len(tickets) - 1)
+    assert len(tickets) > 2 and tickets[-1].status is TicketStatus.ISSUED
+    assert published_for(served, index) == [tickets[-1].certificate]
+    status, created, decide_at = transaction(served, "scep:serve-test-50")
+    assert status == "issued" and decide_at >= created + REVIEW_SECONDS - 1e-3
