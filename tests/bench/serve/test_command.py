@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -227,3 +228,23 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's parent may never reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_workers_stop_when_their_server_is_killed(server: ServerFactory) -> None:
+    """SIGKILL the server process alone: its workers notice they are orphans, stop serving
+    and exit (nobody would supervise them or free the ports)."""
+    served = server(workers=2)
+    pids = served.worker_pids()
+    served.process.kill()
+    served.process.wait(30)
+    assert wait_for(lambda: not any(_running(pid) for pid in pids), timeout=30)
+    assert refuses_connections(served.est_port)
