@@ -37,7 +37,7 @@ from engine.errors import (
 from engine.flow import Step
 from engine.identity import User
 from engine.keys import key_spec
-from engine.request import SAN_OID_DER, ParsedRequest, parse_request
+from engine.request import SAN_OID_DER, ParsedRequest, parse_request, split_request
 from engine.stores import Database, SqliteDirectory
 from engine.system import CAMaterial, EngineConfig
 from engine.wire.seam import Ticket, TicketStatus
@@ -163,7 +163,9 @@ class SharedCAService:
         starts with it; scepclient can write a CN but not the DN's DC parts)."""
         began = time.perf_counter_ns()
         try:
-            user_id = common_name(parse_request(request_der).subject)
+            # the subject alone: a signature algorithm we do not accept is the CA's refusal
+            # at submit (a ticket), not a failure to find the user
+            user_id = common_name(split_request(request_der)[1])
             if user_id is None:
                 raise UnknownUserError("(no CN in the request's subject)")
             return await self.directory.lookup_user(user_id)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine.approval import ApprovalPolicy, ReviewBoard
 from engine.distribution import Distribution
+from engine.errors import MalformedDerError, UnknownUserError
 from engine.identity import User
 from engine.keys import Signer, key_spec
 from engine.population import directory_entry, simulated_enrollee
@@ -183,3 +188,59 @@ def test_common_name_reads_the_first_cn() -> None:
     assert common_name(_user(3).dn.der) == _user(3).user_id
     no_cn = x509.Name.from_rfc4514_string("O=Example").public_bytes()
     assert common_name(no_cn) is None
+
+
+def _sha224_request(user: User) -> bytes:
+    """A request signed with ecdsa-with-SHA224, an algorithm the CA does not accept."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name.from_rfc4514_string(user.dn.text)
+    )
+    request = builder.sign(vector_key("p256-4"), hashes.SHA224())
+    return request.public_bytes(serialization.Encoding.DER)
+
+
+def test_find_user_reads_only_the_subject(store: Path) -> None:
+    """A request with a signature algorithm the CA refuses still names its user; the refusal
+    is submit's REJECTED ticket (EST simplereenroll answered 500 for it before)."""
+    service = _service(store)
+    request = _sha224_request(_user(1))
+    assert asyncio.run(service.find_user(request)) == _user(1)
+    ticket = asyncio.run(service.submit("t-sha224", request, _user(1)))
+    assert (ticket.status, ticket.error) == (TicketStatus.REJECTED, "UnsupportedKeyError")
+    service.close()
+
+
+@settings(
+    max_examples=300, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck)
+)
+@given(st.integers(0, 10_000), st.integers(0, 255), st.integers(0, 40))
+def test_find_user_and_submit_never_raise_on_mutated_requests(
+    tmp_path_factory: pytest.TempPathFactory, position: int, value: int, cut: int
+) -> None:
+    """A request with a byte changed or cut: find_user raises UnknownUserError or
+    MalformedDerError only (the CAService contract); submit never raises."""
+    store = _mutation_store(tmp_path_factory)
+    request = bytearray(_request(_user(1)))
+    request[position % len(request)] = value
+    if cut:
+        del request[position % len(request) :][:cut]
+    service = _service(store)
+    try:
+        with contextlib.suppress(UnknownUserError, MalformedDerError):
+            asyncio.run(service.find_user(bytes(request)))
+        ticket = asyncio.run(service.submit(f"m{position}-{value}-{cut}", bytes(request), _user(1)))
+        assert ticket.status in set(TicketStatus)
+    finally:
+        service.close()
+
+
+_STORES: dict[str, Path] = {}
+
+
+def _mutation_store(factory: pytest.TempPathFactory) -> Path:
+    """One store for all the mutation examples (seeding users per example is slow)."""
+    if "store" not in _STORES:
+        path = factory.mktemp("mutations") / "state.sqlite"
+        seed_users(path, [directory_entry(simulated_enrollee(i, SEED), SEED, 1) for i in range(3)])
+        _STORES["store"] = path
+    return _STORES["store"]
