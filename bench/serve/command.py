@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -109,6 +110,37 @@ def command(args: argparse.Namespace) -> int:
     return server.run()
 
 
+def hold_port(address: tuple[str, int], flag: str) -> socket.socket:
+    """Bind the port the workers will share (SO_REUSEPORT), without listening.
+
+    SO_REUSEPORT would also let this server join a port another server of the same user
+    already serves, and the kernel would spread devices over two CAs: a port that accepts a
+    connection before our workers exist is refused."""
+    try:
+        holder = listening_socket(address, listen=False)
+    except OSError as exc:
+        raise UsageError(f"{flag} {_host(address[0])}:{address[1]}: {exc.strerror}") from exc
+    host, port = holder.getsockname()[:2]
+    if address[1] and _accepts(str(host), int(port)):
+        holder.close()
+        raise UsageError(f"{flag} {_host(address[0])}:{port}: another server listens there")
+    return holder
+
+
+# an unspecified address is asked on loopback
+_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 (looked up, not bound)
+
+
+def _accepts(host: str, port: int) -> bool:
+    """Whether something listens on host:port (an unspecified host is asked on loopback)."""
+    host = _LOOPBACK.get(host, host)
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
 class Server:
     """The parent process: ports held, workers started and watched, a clean stop."""
 
@@ -128,9 +160,13 @@ class Server:
         self.workers = workers
         self.plain_http = plain_http
         self.limits = limits or HttpLimits()
-        self.holders = [listening_socket(est, listen=False)]
+        self.holders = [hold_port(est, "--listen")]
         if scep is not None:
-            self.holders.append(listening_socket(scep, listen=False))
+            try:
+                self.holders.append(hold_port(scep, "--scep-listen"))
+            except UsageError:
+                self.holders[0].close()
+                raise
         self.est = self._bound(0)
         self.scep = self._bound(1) if scep is not None else None
         self.stopping = False

@@ -229,9 +229,10 @@ def worker_main(plan: WorkerPlan, ready: Path) -> None:
 
     async def main() -> None:
         task = asyncio.ensure_future(worker.run(stop))
-        while not worker.servers or len(worker.servers) < _ports(plan):
+        while len(worker.servers) < _ports(plan):
             if task.done():
-                break
+                await task  # a worker that cannot listen never reports ready: its error
+                return
             await asyncio.sleep(0.01)
         ready.write_text(json.dumps({"worker": plan.index}))
         await task

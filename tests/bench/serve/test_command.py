@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import cast
@@ -25,6 +26,8 @@ from engine.wire.est import (
 )
 from engine.wire.seam import Ticket, TicketStatus
 from tests.bench.serve.conftest import (
+    ENROLLBENCH,
+    PROFILE,
     Served,
     ServerFactory,
     connect,
@@ -248,3 +251,30 @@ def test_workers_stop_when_their_server_is_killed(server: ServerFactory) -> None
     served.process.wait(30)
     assert wait_for(lambda: not any(_running(pid) for pid in pids), timeout=30)
     assert refuses_connections(served.est_port)
+
+
+def test_a_port_another_server_serves_is_refused(server: ServerFactory, tmp_path: Path) -> None:
+    """A second server on the first one's port (SO_REUSEPORT would let it join, and the kernel
+    would spread devices over two CAs) stops with a one-line error; so does a taken port."""
+    served = server(workers=1)
+    port = served.est_port
+    second = subprocess.run(
+        [str(ENROLLBENCH), "serve", PROFILE, "--listen", f"127.0.0.1:{port}",
+         "--scep-listen", "off", "--workers", "1", "--state", str(tmp_path / "other")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert second.returncode == 2
+    assert second.stderr.strip() == (
+        f"enrollbench: error: --listen 127.0.0.1:{port}: another server listens there"
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        third = subprocess.run(
+            [str(ENROLLBENCH), "serve", PROFILE, "--listen", "127.0.0.1:0",
+             "--scep-listen", f"127.0.0.1:{taken.getsockname()[1]}", "--workers", "1",
+             "--state", str(tmp_path / "other")],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert third.returncode == 2 and "Traceback" not in third.stderr
+    assert "--scep-listen" in third.stderr and "in use" in third.stderr
+    assert served.health()["status"] == "ok"
