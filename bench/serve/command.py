@@ -9,6 +9,7 @@ asks every worker to finish its requests in flight and exits 0.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import multiprocessing
 import os
@@ -198,6 +199,7 @@ class Server:
         """Serve until SIGINT/SIGTERM (exit 0) or until workers die too often (exit 1)."""
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        lock = self._lock_state()
         # an earlier server's leftovers must not be read as this one's (killed, it left them)
         self.state.listening.unlink(missing_ok=True)
         metrics.clear(self.state.metrics)
@@ -226,6 +228,23 @@ class Server:
                     self.board.close()
                 for holder in self.holders:
                     holder.close()
+                os.close(lock)  # releases the state folder
+
+    def _lock_state(self) -> int:
+        """One server per state folder: a second would clear the first's metrics and
+        serve.json (the store itself is safe to share). The lock dies with the process."""
+        path = self.state.folder / "serve.lock"
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            for holder in self.holders:
+                holder.close()
+            raise UsageError(
+                f"{self.state.folder} is in use by another enrollbench serve"
+            ) from None
+        return descriptor
 
     def _stop_workers(self, processes: dict[int, BaseProcess]) -> None:
         """SIGTERM each worker (it finishes its requests in flight), then wait for them."""

@@ -12,6 +12,7 @@ Made once and reused across restarts (the same CA, store and credentials). The f
     store.sqlite             the shared store (SQLite, WAL): users, transactions, certificates
     metrics/                 each worker's metrics snapshot
     serve.json               where the running server listens (written when it is ready)
+    serve.lock               held (flock) by the server using the folder: one at a time
 """
 
 from __future__ import annotations

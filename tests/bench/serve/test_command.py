@@ -278,3 +278,20 @@ def test_a_port_another_server_serves_is_refused(server: ServerFactory, tmp_path
     assert third.returncode == 2 and "Traceback" not in third.stderr
     assert "--scep-listen" in third.stderr and "in use" in third.stderr
     assert served.health()["status"] == "ok"
+
+
+def test_one_server_per_state_folder(server: ServerFactory) -> None:
+    """A second server on the same state folder stops with a one-line error and leaves the
+    first one's serve.json and metrics alone."""
+    served = server(workers=1)
+    listening = (served.state / "serve.json").read_text()
+    second = subprocess.run(
+        [str(ENROLLBENCH), "serve", PROFILE, "--listen", "127.0.0.1:0", "--scep-listen", "off",
+         "--workers", "1", "--state", str(served.state)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert second.returncode == 2
+    assert second.stderr.strip().endswith("is in use by another enrollbench serve")
+    assert (served.state / "serve.json").read_text() == listening
+    assert list((served.state / "metrics").glob("worker-*.json"))
+    assert served.stop() == 0
