@@ -5,11 +5,19 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
 
+from bench.errors import UsageError
+from bench.serve.state import BringYourOwnCA, _own_material
+from engine.keys import load_private_key
+from engine.system import CAMaterial, EngineConfig
 from engine.wire.est import decode_base64, decode_certs_only, order_chain
 from engine.wire.seam import TicketStatus
 from tests.bench.serve.conftest import Served, ServerFactory, device, enroll_all, run
+from tests.conftest import ca_material
 
 SECRET_FILES = (
     "ca/issuing-key.der",
@@ -59,3 +67,73 @@ def test_state_is_private_and_a_restart_reuses_it(server: ServerFactory, tmp_pat
     for certificate in (ticket.certificate, again.certificate):
         x509.load_der_x509_certificate(certificate).verify_directly_issued_by(issuing)
     assert second.stop() == 0
+
+
+def own_ca(folder: Path) -> tuple[list[Path], Path, CAMaterial]:
+    """A CA hierarchy made elsewhere (fixed P-256 vector keys): PEM certificate files, root
+    first, and the issuing CA's PEM key."""
+    material = ca_material(EngineConfig())
+    certificates = []
+    for n, der in enumerate(material.certificates):
+        path = folder / f"ca-{n}.pem"
+        path.write_bytes(
+            x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+        )
+        certificates.append(path)
+    key = folder / "issuing.key"
+    key.write_bytes(
+        load_private_key(material.issuing_key).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return certificates, key, material
+
+
+def test_bring_your_own_ca_files(server: ServerFactory, tmp_path: Path) -> None:
+    """--ca-cert (repeated, issuing CA last) and --ca-key: cacerts is that hierarchy and the
+    certificates issued verify against its issuing CA."""
+    certificates, key, material = own_ca(tmp_path)
+    options = [f"--ca-cert={path}" for path in certificates] + [f"--ca-key={key}"]
+    served = server(*options, workers=1)
+    assert order_chain(decode_certs_only(decode_base64(cacerts(served)))) == material.certificates
+    [ticket] = run(enroll_all(served, [device(served, 2)]))
+    issuing = x509.load_der_x509_certificate(material.certificates[-1])
+    x509.load_der_x509_certificate(ticket.certificate).verify_directly_issued_by(issuing)
+    assert served.stop() == 0
+
+
+def test_bring_your_own_ca_as_pkcs12(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PKCS #12 bundle (password from $ENROLLBENCH_CA_PASSWORD) gives the same material:
+    the issuing certificate last, its key."""
+    _, _, material = own_ca(tmp_path)
+    bundle = tmp_path / "ca.p12"
+    bundle.write_bytes(
+        pkcs12.serialize_key_and_certificates(
+            b"ca",
+            load_private_key(material.issuing_key),
+            x509.load_der_x509_certificate(material.certificates[-1]),
+            [x509.load_der_x509_certificate(material.certificates[0])],
+            serialization.BestAvailableEncryption(b"s3cret"),
+        )
+    )
+    monkeypatch.setenv("ENROLLBENCH_CA_PASSWORD", "s3cret")
+    loaded = _own_material(BringYourOwnCA(pkcs12=bundle))
+    assert loaded.certificates == material.certificates
+    assert (
+        load_private_key(loaded.issuing_key).public_key()
+        == load_private_key(material.issuing_key).public_key()
+    )
+    monkeypatch.setenv("ENROLLBENCH_CA_PASSWORD", "wrong")
+    with pytest.raises(UsageError, match="cannot load the CA"):
+        _own_material(BringYourOwnCA(pkcs12=bundle))
+
+
+def test_bring_your_own_ca_refuses_a_key_of_another_certificate(tmp_path: Path) -> None:
+    """A key that does not belong to the last certificate, or no key at all: usage errors."""
+    certificates, key, _ = own_ca(tmp_path)
+    with pytest.raises(UsageError, match="does not belong"):
+        _own_material(BringYourOwnCA(tuple(reversed(certificates)), key))
+    with pytest.raises(UsageError, match="give its certificate files and its key"):
+        _own_material(BringYourOwnCA(tuple(certificates)))
