@@ -46,6 +46,7 @@ from engine.keys import (
 from engine.population import directory_entry, simulated_enrollee
 from engine.service import seed_users
 from engine.system import CAMaterial
+from engine.wire.est import order_chain
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -175,15 +176,21 @@ def _own_material(own: BringYourOwnCA) -> CAMaterial:
         raise UsageError(f"cannot load the CA given: {exc}") from exc
     if not isinstance(key, PrivateKey):
         raise UsageError("the CA key is of a type enrollbench cannot sign with")
-    if chain[-1].public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
+    return CAMaterial(_root_first(chain, key), private_key_to_der(key))
+
+
+def _root_first(chain: list[x509.Certificate], key: PrivateKey) -> tuple[bytes, ...]:
+    """The hierarchy as CAMaterial holds it: root first, the key's certificate (the issuing CA)
+    last. A PKCS #12 bundle lists its other certificates in any order (a TLS chain written
+    from a misordered hierarchy would skip the intermediate)."""
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    wanted = key.public_key().public_bytes(serialization.Encoding.DER, spki)
+    issuing = chain[-1]
+    if issuing.public_key().public_bytes(serialization.Encoding.DER, spki) != wanted:
         raise UsageError("the CA key does not belong to the last certificate given")
-    return CAMaterial(
-        tuple(c.public_bytes(serialization.Encoding.DER) for c in chain), private_key_to_der(key)
-    )
+    others = [c.public_bytes(serialization.Encoding.DER) for c in chain[:-1]]
+    ordered = order_chain(others) if others else ()
+    return (*ordered, issuing.public_bytes(serialization.Encoding.DER))
 
 
 def _load_certificate(path: Path) -> x509.Certificate:

@@ -69,10 +69,10 @@ def test_state_is_private_and_a_restart_reuses_it(server: ServerFactory, tmp_pat
     assert second.stop() == 0
 
 
-def own_ca(folder: Path) -> tuple[list[Path], Path, CAMaterial]:
+def own_ca(folder: Path, intermediates: int = 0) -> tuple[list[Path], Path, CAMaterial]:
     """A CA hierarchy made elsewhere (fixed P-256 vector keys): PEM certificate files, root
     first, and the issuing CA's PEM key."""
-    material = ca_material(EngineConfig())
+    material = ca_material(EngineConfig(ca_intermediates=intermediates))
     certificates = []
     for n, der in enumerate(material.certificates):
         path = folder / f"ca-{n}.pem"
@@ -105,26 +105,25 @@ def test_bring_your_own_ca_files(server: ServerFactory, tmp_path: Path) -> None:
 
 
 def test_bring_your_own_ca_as_pkcs12(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A PKCS #12 bundle (password from $ENROLLBENCH_CA_PASSWORD) gives the same material:
-    the issuing certificate last, its key."""
-    _, _, material = own_ca(tmp_path)
+    """A PKCS #12 bundle (password from $ENROLLBENCH_CA_PASSWORD) with an intermediate, its
+    other certificates listed leaf-side first: the material is root, intermediate, issuing CA
+    (the order the TLS chain and cacerts are written in) and the issuing CA's key."""
+    _, _, material = own_ca(tmp_path, intermediates=1)
+    root, intermediate, issuing = (x509.load_der_x509_certificate(c) for c in material.certificates)
     bundle = tmp_path / "ca.p12"
     bundle.write_bytes(
         pkcs12.serialize_key_and_certificates(
             b"ca",
             load_private_key(material.issuing_key),
-            x509.load_der_x509_certificate(material.certificates[-1]),
-            [x509.load_der_x509_certificate(material.certificates[0])],
+            issuing,
+            [intermediate, root],
             serialization.BestAvailableEncryption(b"s3cret"),
         )
     )
     monkeypatch.setenv("ENROLLBENCH_CA_PASSWORD", "s3cret")
     loaded = _own_material(BringYourOwnCA(pkcs12=bundle))
     assert loaded.certificates == material.certificates
-    assert (
-        load_private_key(loaded.issuing_key).public_key()
-        == load_private_key(material.issuing_key).public_key()
-    )
+    assert load_private_key(loaded.issuing_key).public_key() == issuing.public_key()
     monkeypatch.setenv("ENROLLBENCH_CA_PASSWORD", "wrong")
     with pytest.raises(UsageError, match="cannot load the CA"):
         _own_material(BringYourOwnCA(pkcs12=bundle))
