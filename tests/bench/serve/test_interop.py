@@ -41,6 +41,11 @@ def test_curl_and_openssl_enroll_over_tls(server: ServerFactory, tmp_path: Path)
         "-u", f"{who}:{password}", f"{served.info['est']}/simpleenroll",
     )  # fmt: skip
     assert status == b"200"
+    old_tls = subprocess.run(
+        [curl, "-sS", "--cacert", str(chain), "--tls-max", "1.2", f"{served.info['est']}/cacerts"],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert old_tls.returncode == 35, old_tls.stderr  # TLS 1.3 only: the handshake fails
     certificate = tmp_path / "certificate.pem"
     certificate.write_bytes(
         tool(
