@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from engine.wire.est import decode_base64, encode_base64
+from engine.wire.est import decode_base64, decode_certs_only, encode_base64
 from tests.bench.serve.conftest import ServerFactory, user_dn, user_id
 from tests.conftest import VECTORS, require_tool
 
@@ -61,6 +61,20 @@ def test_curl_and_openssl_enroll_over_tls(server: ServerFactory, tmp_path: Path)
     assert verified.strip().endswith(b": OK")
     issued = x509.load_pem_x509_certificate(certificate.read_bytes())
     assert issued.public_bytes(serialization.Encoding.DER) in served.published().values()
+    # simplereenroll: the certificate just issued authenticates the TLS connection, no password
+    renewed = tmp_path / "renewed.b64"
+    status = tool(
+        curl, "-sS", "--cacert", str(chain), "--cert", str(certificate),
+        "--key", str(VECTORS / "p256-5.pem"), "-o", str(renewed), "-w", "%{http_code}",
+        "--data-binary", f"@{body}", "-H", "Content-Type: application/pkcs10",
+        f"{served.info['est']}/simplereenroll",
+    )  # fmt: skip
+    assert status == b"200"
+    [again] = decode_certs_only(decode_base64(renewed.read_bytes()))
+    assert x509.load_der_x509_certificate(again).subject == issued.subject
+    assert again in served.published().values() and again != issued.public_bytes(
+        serialization.Encoding.DER
+    )
     assert served.stop() == 0
 
 
