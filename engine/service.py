@@ -194,26 +194,41 @@ class SharedCAService:
         return None if row is None else await self._advance(row)
 
     def decide(self, transaction_id: str, approve: bool) -> bool:
-        """An administrator's decision on a pending request; False if none is pending."""
+        """An administrator's decision on a request still waiting for one; False if there is
+        none (unknown, finished, or already decided: a decision in effect is final)."""
+        now = self._wall_clock()
         cursor = self._db.execute(
-            "UPDATE transactions SET approve = ?, decide_at = ? WHERE id = ? AND status = ?",
-            (int(approve), self._wall_clock(), transaction_id, TicketStatus.PENDING.value),
+            "UPDATE transactions SET approve = ?, decide_at = ? WHERE id = ? "
+            "AND status = 'pending' AND (approve IS NULL OR decide_at > ?)",
+            (int(approve), now, transaction_id, now),
         )
         return cursor.rowcount == 1
 
     def pending(self) -> list[tuple[str, str, float]]:
-        """Requests waiting for an administrator: (transaction ID, user ID, since)."""
+        """Requests waiting for an administrator: (transaction ID, user ID, since). A request
+        decided but not yet collected by its device is no longer waiting for one."""
         rows = self._db.execute(
-            "SELECT id, user_id, created FROM transactions WHERE status = ? ORDER BY created",
-            (TicketStatus.PENDING.value,),
+            "SELECT id, user_id, created FROM transactions WHERE status = 'pending' "
+            "AND (approve IS NULL OR decide_at > ?) ORDER BY created",
+            (self._wall_clock(),),
         ).fetchall()
         return [(str(r[0]), str(r[1]), float(r[2])) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        """Transactions by status, and certificates published (for the metrics endpoint)."""
+        """Transactions by status, those awaiting a decision, and certificates published (for
+        the metrics endpoint)."""
         found = dict(self._db.execute("SELECT status, COUNT(*) FROM transactions GROUP BY status"))
+        awaiting = self._db.execute(
+            "SELECT COUNT(*) FROM transactions WHERE status = 'pending' "
+            "AND (approve IS NULL OR decide_at > ?)",
+            (self._wall_clock(),),
+        ).fetchone()[0]
         published = self._db.execute("SELECT COUNT(*) FROM published").fetchone()[0]
-        return {**{str(k): int(v) for k, v in found.items()}, "published": int(published)}
+        return {
+            **{str(k): int(v) for k, v in found.items()},
+            "awaiting": int(awaiting),
+            "published": int(published),
+        }
 
     def close(self) -> None:
         self._db.close()

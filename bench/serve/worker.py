@@ -175,7 +175,7 @@ class Worker:
         self.metrics.flush()  # this worker's own counts current; the others' a second behind
         counts = self.service.counts()
         gauges = {
-            "approvals_pending": float(counts.get("pending", 0)),
+            "approvals_pending": float(counts.get("awaiting", 0)),
             "certificates_published": float(counts.get("published", 0)),
             "workers_reporting": float(len(list(self.state.metrics.glob("worker-*.json")))),
         }

@@ -244,3 +244,44 @@ def _mutation_store(factory: pytest.TempPathFactory) -> Path:
         seed_users(path, [directory_entry(simulated_enrollee(i, SEED), SEED, 1) for i in range(3)])
         _STORES["store"] = path
     return _STORES["store"]
+
+
+def test_a_decided_request_no_longer_awaits_an_administrator(store: Path) -> None:
+    """Once decided, a request leaves the list `enrollbench approve` shows and the awaiting
+    count (the approvals_pending gauge) though its device has not collected it yet, and a
+    second decision is refused."""
+    config = EngineConfig(
+        auth_iterations=1, approval=ApprovalPolicy(1, Distribution("fixed", mean=0.0), 1.0)
+    )
+    service = _service(store, config, manual=True)
+    asyncio.run(service.submit("t", _request(_user(1)), _user(1)))
+    assert service.counts()["awaiting"] == 1
+    assert service.decide("t", approve=False)
+    assert service.pending() == []
+    assert (service.counts()["awaiting"], service.counts()["pending"]) == (0, 1)
+    assert not service.decide("t", approve=True)
+    polled = asyncio.run(service.poll("t"))
+    assert polled is not None and polled.error == "ApprovalDeniedError"
+    service.close()
+
+
+def test_a_simulated_review_awaits_until_it_ends(store: Path) -> None:
+    """Under simulated administrators a request awaits until its review ends (a person may
+    decide it first); after that it is decided, listed no more, and a person cannot change it."""
+    config = EngineConfig(
+        auth_iterations=1, approval=ApprovalPolicy(1, Distribution("fixed", mean=5.0), 1.0)
+    )
+    now = [1000.0]
+    board = ReviewBoard.private(1)
+    service = _service(store, config, review_board=board, wall_clock=lambda: now[0])
+    for name in ("a", "b"):
+        asyncio.run(service.submit(name, _request(_user(1)), _user(1)))
+    assert [p[0] for p in service.pending()] == ["a", "b"]
+    assert service.decide("b", approve=False)  # before its review ends: a person decides
+    now[0] += 5.5  # a's review (5 s) has ended
+    assert service.pending() == [] and service.counts()["awaiting"] == 0
+    assert not service.decide("a", approve=False)
+    polled = asyncio.run(service.poll("a"))
+    assert polled is not None and polled.status is TicketStatus.ISSUED
+    service.close()
+    board.close()

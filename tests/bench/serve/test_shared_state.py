@@ -230,12 +230,14 @@ def test_manual_approval_and_denial(server: ServerFactory) -> None:
     approved = approve(served.state, ids[30])
     denied = approve(served.state, ids[31], "--deny")
     assert (approved.returncode, denied.returncode) == (0, 0), approved.stderr + denied.stderr
+    # decided: no longer listed (though not yet collected), and a decision in effect is final
+    assert approve(served.state).stdout == ""
+    assert approve(served.state, ids[30], "--deny").returncode == 2
     issued = enroll_on(connection, served, 30, requests[30])
     refused = enroll_on(connection, served, 31, requests[31])
     assert published_for(served, 30) == [issued.certificate]
     assert refused.status == 403 and b"ApprovalDeniedError" in refused.body
     assert published_for(served, 31) == []
-    assert approve(served.state).stdout == ""  # nothing pending any more
     unknown = approve(served.state, "est:" + "0" * 64)
     assert unknown.returncode == 2 and "no such pending request" in unknown.stderr
     connection.close()
