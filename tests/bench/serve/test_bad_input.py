@@ -249,13 +249,17 @@ def test_garbage_during_a_run_disturbs_no_device(tmp_path: Path) -> None:
         sent: list[int] = []
         stop = threading.Event()
 
+        failures: list[BaseException] = []
+
         def sender(share: list[tuple[int, bytes]]) -> None:
-            for port, data in share:
-                if stop.is_set():
-                    return
-                answer = exchange(port, data)
-                sent.append(status_of(answer))
-                time.sleep(0.002)
+            try:
+                for port, data in share:
+                    if stop.is_set():
+                        return
+                    sent.append(status_of(exchange(port, data)))
+                    time.sleep(0.002)
+            except BaseException as exc:  # a thread's failure must fail the test
+                failures.append(exc)
 
         runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
@@ -271,6 +275,7 @@ def test_garbage_during_a_run_disturbs_no_device(tmp_path: Path) -> None:
                 runner.kill()
         for thread in threads:
             thread.join(60)
+        assert failures == []
         assert runner.returncode == 0, errors.decode()
         assert len(sent) >= 100 and all(400 <= status < 500 for status in sent)
         result = json.loads(out.read_text())
