@@ -244,14 +244,18 @@ class SharedCAService:
 
     def _queue(self, transaction_id: str, request_der: bytes, user: User) -> Ticket:
         """Book an administrator (simulated) or wait for a person (manual); store as pending."""
-        now = self._wall_clock()
         decide_at: float | None = None
         approve: int | None = None
         if self._simulated is not None:
             board, draw_delay, approval_rate = self._simulated
             booked = board.reserve(draw_delay(), time.monotonic)
-            decide_at = now + (booked.finish - time.monotonic())
+            # the board's clock is monotonic, the store's the wall clock: read both together,
+            # after the board's lock (waiting for it between the reads shifted decide_at)
+            now, monotonic = self._wall_clock(), time.monotonic()
+            decide_at = now + (booked.finish - monotonic)
             approve = int(self._rng.random() < approval_rate)
+        else:
+            now = self._wall_clock()
         self._db.execute(
             "INSERT OR REPLACE INTO transactions VALUES (?,?,?,?,?,?,NULL,NULL,'','',0,?)",
             (transaction_id, user.user_id, request_der, "pending", decide_at, approve, now),
