@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import tempfile
 import time
@@ -176,6 +177,7 @@ class Server:
         self.manual = approval and profile.get("serve", "approval") == "manual"
         if approval and not self.manual:
             self.board = ReviewBoard.shared(profile.get("approval", "administrators"), state.folder)
+            resume_reviews(self.board, state.store)
 
     def _bound(self, n: int) -> tuple[str, int]:
         host, port = self.holders[n].getsockname()[:2]
@@ -312,6 +314,28 @@ class Server:
             f"  state        {self.state.folder}",
             flush=True,
         )
+
+
+def resume_reviews(board: ReviewBoard, store: Path) -> int:
+    """Reviews an earlier server booked that are still under way keep their administrators
+    busy on the new board: FCFS gives each administrator's last review the latest decision
+    times, so the `administrators` latest pending ones are booked, one per administrator."""
+    connection = sqlite3.connect(str(store), timeout=30.0)
+    try:
+        now = time.time()
+        rows = connection.execute(
+            "SELECT decide_at FROM transactions WHERE status = 'pending' "
+            "AND approve IS NOT NULL AND decide_at > ? ORDER BY decide_at DESC LIMIT ?",
+            (now, board.administrators),
+        ).fetchall()
+    except sqlite3.OperationalError:  # a store from before transactions were kept
+        rows = []
+    finally:
+        connection.close()
+    for (decide_at,) in rows:
+        board.reserve(float(decide_at) - time.time(), time.monotonic)
+        board.release()  # the request is pending in the store, not on this board
+    return len(rows)
 
 
 class Supervisor:

@@ -290,3 +290,22 @@ def test_scep_pending_then_certpoll_on_new_connections(approving: Served) -> Non
     assert published_for(served, index) == [late[0].certificate]
     status, created, decide_at = transaction(served, "scep:" + tid)
     assert status == "issued" and decide_at >= created + REVIEW_SECONDS - CLOCKS
+
+
+def test_reviews_under_way_survive_a_restart(server: ServerFactory, tmp_path: Path) -> None:
+    """One administrator, 10 s reviews: a request queued before a restart keeps the
+    administrator busy after it, so one queued after the restart is decided a review later."""
+    options = ("--set", "approval.mode='administrator'", "--set", "approval.administrators=1",
+               "--set", "approval.delay={kind='fixed', mean=10.0}")  # fmt: skip
+    first = server(*options, workers=1)
+    before = csr(60)
+    [ticket] = run(enroll_all(first, [device(first, 60, before)]))
+    assert ticket.status is TicketStatus.PENDING
+    decided_first = transaction(first, transaction_id(before))[2]
+    assert first.stop() == 0
+    second = server(*options, workers=1, state=tmp_path / "state")
+    after = csr(61)
+    [ticket] = run(enroll_all(second, [device(second, 61, after)]))
+    assert ticket.status is TicketStatus.PENDING
+    assert transaction(second, transaction_id(after))[2] >= decided_first + 10.0 - CLOCKS
+    assert second.stop() == 0
