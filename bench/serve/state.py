@@ -107,7 +107,7 @@ class ServerState:
 
     def ra_fingerprint(self) -> str:
         """SHA-256 of the RA certificate (scepclient's -ca-fingerprint picks it by this)."""
-        return hashlib.sha256(self.ra()[0]).hexdigest()
+        return hashlib.sha256((self.folder / "scep" / "ra.der").read_bytes()).hexdigest()
 
     def read_listening(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.listening.read_text())
@@ -126,6 +126,9 @@ def prepare_state(
         material = _own_material(own_ca) if own_ca is not None else _new_material(profile)
         _write_material(ca, material)
     material = state.material()
+    if own_ca is not None and _own_material(own_ca).certificates != material.certificates:
+        # the folder's CA is kept across restarts: another one given would be silently ignored
+        raise UsageError(f"{folder} already holds another CA: give a new --state for this one")
     issuing = x509.load_der_x509_certificate(material.certificates[-1])
     issuing_key = load_private_key(material.issuing_key)
     if not (folder / "tls" / "server.key").exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,14 @@ from engine.keys import load_private_key
 from engine.system import CAMaterial, EngineConfig
 from engine.wire.est import decode_base64, decode_certs_only, order_chain
 from engine.wire.seam import TicketStatus
-from tests.bench.serve.conftest import Served, ServerFactory, device, enroll_all, run
+from tests.bench.serve.conftest import (
+    ENROLLBENCH,
+    Served,
+    ServerFactory,
+    device,
+    enroll_all,
+    run,
+)
 from tests.conftest import ca_material
 
 SECRET_FILES = (
@@ -72,6 +80,7 @@ def test_state_is_private_and_a_restart_reuses_it(server: ServerFactory, tmp_pat
 def own_ca(folder: Path, intermediates: int = 0) -> tuple[list[Path], Path, CAMaterial]:
     """A CA hierarchy made elsewhere (fixed P-256 vector keys): PEM certificate files, root
     first, and the issuing CA's PEM key."""
+    folder.mkdir(exist_ok=True)
     material = ca_material(EngineConfig(ca_intermediates=intermediates))
     certificates = []
     for n, der in enumerate(material.certificates):
@@ -102,6 +111,14 @@ def test_bring_your_own_ca_files(server: ServerFactory, tmp_path: Path) -> None:
     issuing = x509.load_der_x509_certificate(material.certificates[-1])
     x509.load_der_x509_certificate(ticket.certificate).verify_directly_issued_by(issuing)
     assert served.stop() == 0
+    # the same state with another CA given: refused, not silently served with the first
+    other, other_key, _ = own_ca(tmp_path / "other", intermediates=1)
+    refused = subprocess.run(
+        [str(ENROLLBENCH), "serve", "smoke", "--listen", "127.0.0.1:0", "--scep-listen", "off",
+         "--state", str(served.state), *[f"--ca-cert={p}" for p in other], f"--ca-key={other_key}"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "already holds another CA" in refused.stderr
 
 
 def test_bring_your_own_ca_as_pkcs12(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
