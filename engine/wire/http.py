@@ -623,6 +623,9 @@ class _ClientConnection(asyncio.Protocol):
         self._body_bytes = 0
         self._until_close = False
         self._stopped = False
+        if self.closed:  # lost between connect (or the pool) and now: nothing was sent
+            waiter.set_exception(_StaleConnectionError())
+            return waiter
         self.transport.write(data)
         return waiter
 
