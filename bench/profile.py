@@ -321,7 +321,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         ),
         "server_workers": Rule(
             0,
-            "an integer from 0 to 1024 (0: half the cores, at least 1)",
+            "an integer from 0 to 1024 (0: one per core; the generator then gets a quarter)",
             _integer(0, 1024),
             "served target: the server's worker processes",
         ),

@@ -141,11 +141,14 @@ class KeyStore(Protocol):
 class SqliteUsers:
     """Messaging directory and directory user entries in SQLite, behind a small entry cache.
 
-    Like a directory server's entry cache, the last few thousand entries read stay in memory:
-    an enrollment reads its user twice (the bind in step 2, the DN in step 4), SQLite once.
+    Like a directory server's entry cache, the entries read last stay in memory: an enrollment
+    reads its user twice (the bind in step 2, the DN in step 4), SQLite once. 32,768 entries
+    (about 1.3 KB each, ~43 MB at most) hold a fleet of tens of thousands of devices: a served CA
+    with 20,000 users missed on most reads with 4,096 (a SQLite read is ~45 µs of its ~450 µs
+    per enrollment), and so did each embedded shard with 10,000.
     """
 
-    ENTRY_CACHE = 4096
+    ENTRY_CACHE = 32_768
 
     def __init__(self, database: Database) -> None:
         self._db = database

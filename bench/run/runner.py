@@ -31,9 +31,9 @@ from bench.run.targets import (
     ServedCA,
     WireTarget,
     check_target,
+    generator_workers,
     parse_target,
     probe,
-    server_workers,
 )
 from bench.serve.metrics import gather
 from engine.approval import ReviewBoard
@@ -81,7 +81,7 @@ def resolve_workers(profile: Profile, override: int | None) -> int:
     requested = override if override is not None else int(profile.get("load", "workers"))
     cores = os.cpu_count() or 1
     if profile.get("target", "url") == "served":
-        cores = max(1, cores - server_workers(profile))
+        cores = generator_workers()
     workers = requested or cores
     if profile.get("load", "mode") == "closed":
         # a shard without a device in flight would never enroll its share of the devices

@@ -361,7 +361,9 @@ class Shard:
         self.started += 1
         self.in_flight += 1
         try:
-            outcome = await _Metered(self.system.enroll(identity, times), self.engine)
+            enrollment = self.system.enroll(identity, times)
+            # the engine's resumptions are metered only where an engine runs in this process
+            outcome = await (enrollment if self.wire else _Metered(enrollment, self.engine))
         finally:
             self.in_flight -= 1
         if outcome.serial is not None:
