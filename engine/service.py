@@ -173,10 +173,14 @@ class SharedCAService:
             self._observe(Step.LOOKUP_DN, time.perf_counter_ns() - began)
 
     async def submit(self, transaction_id: str, request_der: bytes, user: User) -> Ticket:
-        """Check the request, then issue it or queue it for an administrator (see the module)."""
-        row = self._row(transaction_id)
-        if row is not None and not row["delivered"]:
-            return await self._advance(row)
+        """Check the request, then issue it or queue it for an administrator (see the module).
+
+        Only a queued request leaves a transaction behind (an auto-issued one is finished when
+        answered), so without approval there is nothing to look up."""
+        if self._approval is not None:
+            row = self._row(transaction_id)
+            if row is not None and not row["delivered"]:
+                return await self._advance(row)
         began = time.perf_counter_ns()
         try:
             request = self._policy_view(parse_request(request_der), user)
