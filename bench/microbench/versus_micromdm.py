@@ -4,7 +4,8 @@
                                                [--ours-devices 3000] [--in-flight 32]
 
 Blocks alternate M O, O M, ... Each block is a whole `enrollbench run` of the rsa2048-auto
-profile (RSA-2048 devices and CA: micromdm's CA is RSA-2048) over SCEP, from a fresh state:
+profile (RSA-2048 devices and CA, as micromdm's; `--ca-key p256` gives ours a P-256 CA beside
+its RSA RA) over SCEP, from a fresh state:
 - M: micromdm scepserver 2.1.0 (Debian `scep`) on a new depot (`scepserver ca -init`), driven
   at one request in flight, the most it handles correctly (2.1.0 hands out duplicate serials
   under concurrency); each device enrolls once (it refuses a DN it has issued);
@@ -92,7 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--micromdm-devices", type=int, default=400)
     parser.add_argument("--ours-devices", type=int, default=3000)
     parser.add_argument("--in-flight", type=int, default=32)
-    parser.add_argument("--server-workers", type=int, default=0, help="ours (0: half the cores)")
+    parser.add_argument("--server-workers", type=int, default=0, help="ours (0: one per core)")
+    parser.add_argument(
+        "--ca-key", default="rsa2048", help="our CA's key (micromdm's is RSA-2048; the RA is RSA)"
+    )
     options = parser.parse_args(argv)
     common = ["load.warmup_seconds=0.5", "load.mode='closed'"]
     ratios = []
@@ -111,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     figures[side] = run_block(
                         [*common, "target.url='served'", "target.served_protocol='scep+http'",
+                         f"ca.key='{options.ca_key}'",
                          f"target.server_workers={options.server_workers}",
                          f"load.concurrency={options.in_flight}",
                          f"load.devices={options.ours_devices}"]
