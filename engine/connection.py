@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from engine.auth import check_password
 from engine.ca import CertificationAuthority, Issued
 from engine.chaincache import ChainCache
-from engine.errors import AuthenticationError, UnknownProfileError
+from engine.errors import UnknownProfileError
 from engine.identity import User
 from engine.request import ParsedRequest
 from engine.stores import Directory
@@ -30,10 +29,8 @@ class ConnectionService:
         self._fetch_delay = fetch_delay
 
     async def authenticate(self, user_id: str, password: str) -> None:
-        """Step 2: a simple bind against the user's salted verifier in the directory."""
-        verifier = await self._directory.verifier(user_id)
-        if not check_password(verifier, password):
-            raise AuthenticationError(user_id)
+        """Step 2: a simple bind as the user against the directory."""
+        await self._directory.authenticate(user_id, password)
 
     def authority(self, profile_id: str) -> CertificationAuthority:
         """Step 7: the CA that serves a profile ID; an unknown ID rejects the request."""

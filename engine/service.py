@@ -25,11 +25,10 @@ from typing import Any
 
 from engine import _der
 from engine.approval import ReviewBoard
-from engine.auth import Verifier, check_password
+from engine.auth import Verifier
 from engine.ca import CertificationAuthority, IssuancePolicy
 from engine.errors import (
     ApprovalDeniedError,
-    AuthenticationError,
     EnrollmentError,
     RejectedError,
     UnknownUserError,
@@ -151,9 +150,7 @@ class SharedCAService:
         """Step 2: a simple bind; the user's entry on success."""
         began = time.perf_counter_ns()
         try:
-            verifier = await self.directory.verifier(user_id)
-            if not check_password(verifier, password):
-                raise AuthenticationError(user_id)
+            await self.directory.authenticate(user_id, password)
             return await self.directory.lookup_user(user_id)
         finally:
             self._observe(Step.AUTHENTICATE, time.perf_counter_ns() - began)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine.auth import Verifier
+from engine.auth import Verifier, check_password
 from engine.errors import (
     AuthenticationError,
     CertificateNotFoundError,
@@ -107,9 +107,11 @@ class MessagingDirectory(Protocol):
 
 
 class Directory(Protocol):
-    """LDAP: user entries with bind verifiers, and published certificates (steps 2, 11, 12)."""
+    """LDAP: user entries one can bind as, and published certificates (steps 2, 11, 12)."""
 
-    async def verifier(self, user_id: str) -> Verifier: ...
+    async def authenticate(self, user_id: str, password: str) -> None:
+        """Step 2: a simple bind as the user; AuthenticationError when it fails (an unknown
+        user fails like a wrong password)."""
 
     async def publish(self, dn: str, serial: int, certificate: bytes) -> None: ...
 
@@ -199,6 +201,11 @@ class SqliteUsers:
         if entry is None:
             raise AuthenticationError(user_id)  # an unknown user fails the bind like a bad password
         return entry[1]
+
+    async def authenticate(self, user_id: str, password: str) -> None:
+        """A bind against the user's salted verifier, compared in constant time."""
+        if not check_password(await self.verifier(user_id), password):
+            raise AuthenticationError(user_id)
 
 
 class SqliteDirectory(SqliteUsers):
