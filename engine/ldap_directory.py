@@ -1,0 +1,391 @@
+"""The directory and the messaging directory on an LDAP server (OpenLDAP slapd), via python-ldap.
+
+Client choice, measured on loopback against slapd 2.5 (2 cores; bench/microbench/ldap.py):
+python-ldap (libldap, C) spent ~30 µs of client CPU per search or bind, bonsai ~58 µs per search
+over 8 connections and ~240 µs per bind (bonsai cannot rebind: a bind is a new connection), and
+ldap3 (pure Python) ~880 µs per search. python-ldap's `*_s` calls block, and DESIGN.md forbids
+threads beside the loop, so this module uses its asynchronous half instead: an operation is
+sent (`search_ext`, `simple_bind`, ... return a message ID at once), the loop watches the
+connection's socket (`add_reader`), and `result3(msgid, all=1, timeout=0)` collects the answer
+without blocking. One operation is in flight per connection, so a readable socket always belongs
+to the operation waiting on it.
+
+Steps: 2 = a simple bind as `uid=<user ID>,<people>` (a new connection per enrollment by default,
+as devices cause; or a pool of rebinding connections); 3-4 = a search by `uid` (RFC 4515 escaped)
+over a pool of admin connections; 11 = replace `userCertificate;binary` (the entry never grows);
+12 = read it back and check its serial. Entry layout: see bench/services/slapd.py (the
+certificate DN in `seeAlso`, the UPN in `userPrincipalName`).
+
+Connections are made lazily inside the running loop (on first use), and again after a failure:
+every client or network error becomes DirectoryUnavailableError and the broken connection is
+dropped, so calls succeed again once the server is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import ldap  # type: ignore[import-untyped]
+import ldap.dn  # type: ignore[import-untyped]
+import ldap.filter  # type: ignore[import-untyped]
+
+from engine import _der
+from engine.errors import (
+    AuthenticationError,
+    CertificateNotFoundError,
+    FailedError,
+    MalformedDerError,
+    UnknownUserError,
+)
+from engine.identity import DistinguishedName, User
+
+CERTIFICATE_ATTRIBUTE = "userCertificate;binary"
+
+# Errors that mean the server or the connection to it is gone, slow or refusing work.
+_UNAVAILABLE = (
+    ldap.SERVER_DOWN,
+    ldap.TIMEOUT,
+    ldap.CONNECT_ERROR,
+    ldap.UNAVAILABLE,
+    ldap.BUSY,
+    ldap.UNWILLING_TO_PERFORM,
+    OSError,
+)
+
+
+class DirectoryUnavailableError(FailedError):
+    """The LDAP server could not be reached, dropped the connection or did not answer in time."""
+
+    reason = "directory-unavailable"
+
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__(f"directory {url} unavailable: {detail}")
+        self.url = url
+        self.detail = detail
+
+
+class DirectoryEntryError(FailedError):
+    """A directory entry lacks an attribute, holds several where one is expected, or holds an
+    oversized value."""
+
+    reason = "directory-entry-invalid"
+
+    def __init__(self, entry: str, detail: str) -> None:
+        super().__init__(f"directory entry {entry!r}: {detail}")
+        self.entry = entry
+        self.detail = detail
+
+
+class DirectoryOperationError(FailedError):
+    """The LDAP server refused an operation for a reason other than credentials or availability."""
+
+    reason = "directory-error"
+
+
+@dataclass(frozen=True, slots=True)
+class LdapSettings:
+    """Where the directory is and how entries are laid out.
+
+    `bind_per_enrollment`: step 2 opens a connection, binds and closes it (what a fleet of
+    devices causes); False rebinds connections from a pool of `pool_size`.
+    """
+
+    url: str
+    admin_dn: str
+    admin_password: str = field(repr=False)
+    people: str = "ou=people,dc=example,dc=com"
+    pool_size: int = 4
+    bind_per_enrollment: bool = True
+    timeout: float = 5.0
+    max_certificate: int = 16_384
+    dn_attribute: str = "seeAlso"
+    mail_attribute: str = "mail"
+    upn_attribute: str = "userPrincipalName"
+    dn_cache: int = 32_768
+
+
+@lru_cache(maxsize=65_536)
+def _parse_dn(text: str) -> DistinguishedName:
+    """RFC 4514 text -> DN with its DER (cached: ~20 µs each, and users enroll again)."""
+    return DistinguishedName.from_text(text)
+
+
+def certificate_serial(certificate: bytes) -> int:
+    """The serialNumber of a DER certificate (RFC 5280 4.1: tbsCertificate's first INTEGER after
+    the optional [0] version)."""
+    start, end = _der.read_whole(certificate, _der.SEQUENCE)
+    tbs_start, tbs_end = _der.expect(certificate, start, _der.SEQUENCE, end)
+    offset = tbs_start
+    if offset < tbs_end and certificate[offset] == 0xA0:
+        offset = _der.skip(certificate, offset, 1, tbs_end)
+    serial_start, serial_end = _der.expect(certificate, offset, 0x02, tbs_end)
+    return int.from_bytes(certificate[serial_start:serial_end], "big", signed=True)
+
+
+class _Connection:
+    """One libldap connection driven from the event loop, one operation at a time."""
+
+    def __init__(self, settings: LdapSettings) -> None:
+        self.settings = settings
+        self.handle: Any = ldap.initialize(settings.url)
+        self.handle.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
+        # Bounds the (blocking, inside libldap) TCP connect made by the first operation.
+        self.handle.set_option(ldap.OPT_NETWORK_TIMEOUT, settings.timeout)
+        self.handle.set_option(ldap.OPT_REFERRALS, 0)
+
+    async def call(self, send: Callable[[Any], int]) -> tuple[Any, ...]:
+        """Send one operation and wait for its complete result without blocking the loop."""
+        msgid = send(self.handle)
+        loop = asyncio.get_running_loop()
+        fd = self.handle.fileno()
+        while True:
+            result: tuple[Any, ...] = self.handle.result3(msgid, 1, 0)
+            if result[0] is not None:
+                return result
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _resolve, readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(fd)
+
+    def close(self) -> None:
+        with contextlib.suppress(ldap.LDAPError, OSError):
+            self.handle.unbind_ext()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Pool:
+    """Up to `size` connections, bound once by `bind` when made; broken ones are dropped."""
+
+    def __init__(self, settings: LdapSettings, credentials: tuple[str, str] | None) -> None:
+        self._settings = settings
+        self._credentials = credentials
+        self._idle: list[_Connection] = []
+        self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._loop is not loop:
+            self._slots, self._loop = asyncio.Semaphore(self._settings.pool_size), loop
+        return self._slots
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[_Connection]:
+        """A connection for one operation; a failing one is closed instead of returned."""
+        slots = self._semaphore()
+        async with slots:
+            conn = self._idle.pop() if self._idle else await self._connect()
+            try:
+                yield conn
+            except BaseException:
+                conn.close()
+                raise
+            self._idle.append(conn)
+
+    async def _connect(self) -> _Connection:
+        conn = _Connection(self._settings)
+        if self._credentials is not None:
+            user, password = self._credentials
+            try:
+                await conn.call(lambda h: h.simple_bind(user, password))
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+
+class LdapDirectory:
+    """Directory (steps 2, 11, 12) and messaging directory (steps 3-4) on one LDAP server."""
+
+    def __init__(self, settings: LdapSettings) -> None:
+        self.settings = settings
+        self._admin = _Pool(settings, (settings.admin_dn, settings.admin_password))
+        self._binders = _Pool(settings, None)
+        self._entries: dict[str, str] = {}  # certificate DN text -> entry DN (for publish)
+
+    async def _run(self, pool: _Pool, send: Callable[[Any], int]) -> tuple[Any, ...]:
+        """One operation on a pooled connection, bounded in time, library errors typed.
+
+        A connection lost while idle (the server restarted) fails its next operation, so the
+        pool's idle connections are dropped and the operation is sent once more on a new one
+        (every operation here is idempotent: searches, binds, a replace)."""
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                try:
+                    return await self._once(pool, send)
+                except _UNAVAILABLE:
+                    pool.close()
+                    return await self._once(pool, send)
+        except TimeoutError as exc:
+            raise DirectoryUnavailableError(self.settings.url, "no answer in time") from exc
+        except _UNAVAILABLE as exc:
+            raise DirectoryUnavailableError(self.settings.url, _describe(exc)) from exc
+
+    @staticmethod
+    async def _once(pool: _Pool, send: Callable[[Any], int]) -> tuple[Any, ...]:
+        async with pool.connection() as conn:
+            return await conn.call(send)
+
+    async def authenticate(self, user_id: str, password: str) -> None:
+        """Step 2: a simple bind as the user's entry. An empty password would be an
+        unauthenticated bind, which succeeds (RFC 4513 5.1.2): refused here."""
+        if not password:
+            raise AuthenticationError(user_id)
+        entry = f"uid={ldap.dn.escape_dn_chars(user_id)},{self.settings.people}"
+        try:
+            if self.settings.bind_per_enrollment:
+                await self._bind_once(entry, password)
+            else:
+                await self._run(self._binders, lambda h: h.simple_bind(entry, password))
+        except (ldap.INVALID_CREDENTIALS, ldap.INVALID_DN_SYNTAX, ldap.NO_SUCH_OBJECT) as exc:
+            raise AuthenticationError(user_id) from exc
+        except ldap.LDAPError as exc:
+            raise DirectoryOperationError(f"bind as {user_id!r}: {_describe(exc)}") from exc
+
+    async def _bind_once(self, entry: str, password: str) -> None:
+        conn = _Connection(self.settings)
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                await conn.call(lambda h: h.simple_bind(entry, password))
+        except TimeoutError as exc:
+            raise DirectoryUnavailableError(self.settings.url, "no answer in time") from exc
+        except _UNAVAILABLE as exc:
+            raise DirectoryUnavailableError(self.settings.url, _describe(exc)) from exc
+        finally:
+            conn.close()
+
+    async def lookup_user(self, user_id: str) -> User:
+        """Steps 3-4: the user's entry by uid (RFC 4515 escaped: no filter injection)."""
+        found = await self._search_people(f"(uid={ldap.filter.escape_filter_chars(user_id)})")
+        if not found:
+            raise UnknownUserError(user_id)
+        if len(found) > 1:
+            raise DirectoryEntryError(user_id, "several entries carry this uid")
+        entry, attributes = found[0]
+        s = self.settings
+        try:
+            dn = _parse_dn(_single(entry, attributes, s.dn_attribute))
+        except MalformedDerError as exc:
+            raise DirectoryEntryError(entry, f"{s.dn_attribute} is not a DN") from exc
+        email = _single(entry, attributes, s.mail_attribute)
+        upn = _single(entry, attributes, s.upn_attribute)
+        self._remember(dn.text, entry)
+        return User(user_id, dn, email, upn)
+
+    async def _search_people(self, query: str) -> list[tuple[str, dict[str, list[bytes]]]]:
+        s = self.settings
+        wanted = [s.dn_attribute, s.mail_attribute, s.upn_attribute]
+        try:
+            result = await self._run(
+                self._admin,
+                lambda h: h.search_ext(s.people, ldap.SCOPE_ONELEVEL, query, wanted, sizelimit=2),
+            )
+        except ldap.SIZELIMIT_EXCEEDED as exc:
+            raise DirectoryEntryError(query, "several entries match") from exc
+        except ldap.LDAPError as exc:
+            raise DirectoryOperationError(f"search {query!r}: {_describe(exc)}") from exc
+        return [(dn, attrs) for dn, attrs in result[1] if dn is not None]
+
+    def _remember(self, dn_text: str, entry: str) -> None:
+        if len(self._entries) >= self.settings.dn_cache:
+            del self._entries[next(iter(self._entries))]
+        self._entries[dn_text] = entry
+
+    async def _entry_of(self, dn: str) -> str:
+        """The entry whose certificates carry `dn` (known from step 4, else searched)."""
+        entry = self._entries.get(dn)
+        if entry is not None:
+            return entry
+        s = self.settings
+        found = await self._search_people(
+            f"({s.dn_attribute}={ldap.filter.escape_filter_chars(dn)})"
+        )
+        if len(found) != 1:
+            raise DirectoryEntryError(dn, f"{len(found)} entries carry this DN")
+        self._remember(dn, found[0][0])
+        return found[0][0]
+
+    async def publish(self, dn: str, serial: int, certificate: bytes) -> None:  # noqa: ARG002
+        """Step 11: replace the entry's certificate (a reused device's entry does not grow).
+        The entry keeps one certificate, so `serial` is not stored: retrieve checks it."""
+        if len(certificate) > self.settings.max_certificate:
+            raise DirectoryEntryError(dn, f"certificate of {len(certificate)} bytes is oversized")
+        entry = await self._entry_of(dn)
+        change = [(ldap.MOD_REPLACE, CERTIFICATE_ATTRIBUTE, [certificate])]
+        try:
+            await self._run(self._admin, lambda h: h.modify_ext(entry, change))
+        except ldap.LDAPError as exc:
+            raise DirectoryOperationError(f"publish to {entry!r}: {_describe(exc)}") from exc
+
+    async def retrieve(self, dn: str, serial: int) -> bytes:
+        """Step 12: read the certificate back; it must be the one with `serial`."""
+        entry = await self._entry_of(dn)
+        try:
+            result = await self._run(
+                self._admin,
+                lambda h: h.search_ext(
+                    entry, ldap.SCOPE_BASE, "(objectClass=*)", [CERTIFICATE_ATTRIBUTE]
+                ),
+            )
+        except ldap.NO_SUCH_OBJECT as exc:
+            raise CertificateNotFoundError(dn, serial) from exc
+        except ldap.LDAPError as exc:
+            raise DirectoryOperationError(f"retrieve from {entry!r}: {_describe(exc)}") from exc
+        values = _values(result, CERTIFICATE_ATTRIBUTE)
+        if not values:
+            raise CertificateNotFoundError(dn, serial)
+        if len(values) > 1:
+            raise DirectoryEntryError(entry, f"{len(values)} certificates where one is kept")
+        certificate = values[0]
+        if len(certificate) > self.settings.max_certificate:
+            raise DirectoryEntryError(entry, f"certificate of {len(certificate)} bytes")
+        if certificate_serial(certificate) != serial:
+            raise CertificateNotFoundError(dn, serial)
+        return certificate
+
+    def close(self) -> None:
+        self._admin.close()
+        self._binders.close()
+
+
+def _values(result: tuple[Any, ...], attribute: str) -> list[bytes]:
+    for dn, attributes in result[1]:
+        if dn is not None:
+            for name, values in attributes.items():
+                if name.lower() == attribute.lower():
+                    return list(values)
+    return []
+
+
+def _single(entry: str, attributes: dict[str, list[bytes]], name: str) -> str:
+    """The one value of a single-valued attribute, as text."""
+    values = next((v for k, v in attributes.items() if k.lower() == name.lower()), [])
+    if len(values) != 1:
+        raise DirectoryEntryError(entry, f"{len(values)} values of {name} (one expected)")
+    try:
+        return bytes(values[0]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DirectoryEntryError(entry, f"{name} is not UTF-8") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    """A short message from a python-ldap error (its args[0] is a dict with 'desc'/'info')."""
+    if exc.args and isinstance(exc.args[0], dict):
+        info = exc.args[0]
+        return " ".join(str(info[k]) for k in ("desc", "info") if info.get(k))
+    return str(exc) or type(exc).__name__
