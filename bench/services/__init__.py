@@ -1,1 +1,1 @@
-"""Real servers for enrollbench to run against (started on loopback in a temporary folder)."""
+"""Real components started for users who have none (and for tests): SoftHSM2 tokens, ..."""
