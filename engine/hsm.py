@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import os
 import string
 from dataclasses import dataclass, field
@@ -125,6 +126,8 @@ class Pkcs11Uri:
             slot_id=_slot_id(values.get("slot-id")),
             id=None if "id" not in values else _unquote(values["id"], "id"),
         )
+        if parsed.id == b"":
+            raise Pkcs11UriError("attribute 'id' is empty")
         if parsed.object is None and parsed.id is None:
             raise Pkcs11UriError("the URI must name the key by object= or id=")
         if parsed.token is None and parsed.serial is None and parsed.slot_id is None:
@@ -232,13 +235,21 @@ class _ProcessState:
     """This process's PKCS #11 sessions; `epoch` changes when they become unusable (fork)."""
 
     def __init__(self) -> None:
-        self.sessions: dict[tuple[str, int], pkcs11.Session] = {}
+        # (module, slot ID) -> (session, SHA-256 of the PIN it logged in with)
+        self.sessions: dict[tuple[str, int], tuple[Any, bytes]] = {}
         self.epoch = object()
 
     def forget(self) -> None:
         """Drop every handle (after a fork the child must initialize the module anew)."""
         self.sessions = {}
         self.epoch = object()
+
+    def close(self) -> None:
+        """Close every session (PKCS #11 logs the process out), then forget them."""
+        for session, _ in self.sessions.values():
+            with contextlib.suppress(pkcs11.PKCS11Error):
+                session.close()
+        self.forget()
 
 
 _STATE = _ProcessState()
@@ -304,7 +315,7 @@ class HsmSigner:
             return bytes(self._key.sign(data, mechanism=self._mechanism))
         except pkcs11.PKCS11Error as exc:
             # A lost session or device: the next signature reopens instead of failing forever.
-            _STATE.forget()
+            _STATE.close()
             raise HsmSigningError(f"the token failed to sign: {type(exc).__name__}") from exc
 
     def signed(self, content: bytes) -> bytes:
@@ -399,11 +410,22 @@ def _session(parameters: HsmParameters) -> Any:
     library = load_module(parameters.module)
     token = find_token(library, parameters.uri)
     slot_key = (parameters.module, int(token.slot.slot_id))
-    session = _STATE.sessions.get(slot_key)
-    if session is None:
+    digest = hashlib.sha256(parameters.pin.encode()).digest()
+    cached = _STATE.sessions.get(slot_key)
+    if cached is None:
         session = _login(token, parameters)
-        _STATE.sessions[slot_key] = session
+        _STATE.sessions[slot_key] = (session, digest)
+        return session
+    session, logged_in_with = cached
+    if not hmac.compare_digest(digest, logged_in_with):
+        # A token has one user PIN: another one while this process is logged in is wrong.
+        raise HsmPinError(f"token {token.label!r} refused the PIN (not the one in use)")
     return session
+
+
+def reset_sessions() -> None:
+    """Close this process's sessions (logging out); every signer reopens on its next use."""
+    _STATE.close()
 
 
 def _login(token: Any, parameters: HsmParameters) -> Any:
@@ -415,7 +437,9 @@ def _login(token: Any, parameters: HsmParameters) -> Any:
     except pkcs11.PinLocked as exc:
         raise HsmPinError(f"token {token.label!r} has locked the user PIN") from exc
     except pkcs11.UserAlreadyLoggedIn:
-        return token.open()  # PKCS #11 login state is per token per process
+        # Login state is per token per process: a session outside this module logged in (with
+        # the token's one user PIN), so this one is logged in too.
+        return token.open()
     except pkcs11.PKCS11Error as exc:
         raise HsmError(f"opening a session on {token.label!r} failed: {exc!r}") from exc
 
@@ -494,4 +518,5 @@ __all__ = [
     "find_token",
     "load_module",
     "reinitialize_module",
+    "reset_sessions",
 ]
