@@ -128,7 +128,13 @@ def certificate_serial(certificate: bytes) -> int:
 
 
 class _Connection:
-    """One libldap connection driven from the event loop, one operation at a time."""
+    """One libldap connection driven from the event loop, one operation at a time.
+
+    The loop watches the socket from the first operation on, instead of adding and removing a
+    reader around every wait (two epoll_ctl calls per operation). When the socket turns readable
+    with no operation waiting, the server has closed the connection: the watch ends there, so a
+    dead connection cannot keep the loop busy.
+    """
 
     def __init__(self, settings: LdapSettings) -> None:
         self.settings = settings
@@ -137,31 +143,45 @@ class _Connection:
         # Bounds the (blocking, inside libldap) TCP connect made by the first operation.
         self.handle.set_option(ldap.OPT_NETWORK_TIMEOUT, settings.timeout)
         self.handle.set_option(ldap.OPT_REFERRALS, 0)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
+        self._waiter: asyncio.Future[None] | None = None
 
     async def call(self, send: Callable[[Any], int]) -> tuple[Any, ...]:
         """Send one operation and wait for its complete result without blocking the loop."""
         msgid = send(self.handle)
         loop = asyncio.get_running_loop()
-        fd = self.handle.fileno()
+        if self._loop is not loop:
+            self._unwatch()
+            self._fd = self.handle.fileno()
+            loop.add_reader(self._fd, self._readable)
+            self._loop = loop
         while True:
+            self._waiter = loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
             result: tuple[Any, ...] = self.handle.result3(msgid, 1, 0)
             if result[0] is not None:
                 return result
-            readable: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _resolve, readable)
-            try:
-                await readable
-            finally:
-                loop.remove_reader(fd)
+
+    def _readable(self) -> None:
+        waiter = self._waiter
+        if waiter is None:
+            self._unwatch()  # readable with nobody waiting: closed by the server
+        elif not waiter.done():  # done: woken already, the answer is not read yet
+            waiter.set_result(None)
+
+    def _unwatch(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self._fd)
 
     def close(self) -> None:
+        self._unwatch()
         with contextlib.suppress(ldap.LDAPError, OSError):
             self.handle.unbind_ext()
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class _Pool:
