@@ -18,10 +18,11 @@ import asyncio
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from engine import _der
 from engine.approval import ReviewBoard
@@ -29,6 +30,7 @@ from engine.auth import Verifier
 from engine.ca import CertificationAuthority, IssuancePolicy
 from engine.errors import (
     ApprovalDeniedError,
+    DuplicateSerialError,
     EnrollmentError,
     RejectedError,
     UnknownUserError,
@@ -62,8 +64,71 @@ class SubjectPolicy(StrEnum):
 
 
 Observe = Callable[[Step, int], None]
-_Statement = tuple[str, tuple[Any, ...]]
 _Written = asyncio.Future[tuple[bool, int]]  # written?, this request's share of the commit (ns)
+_Outcome = bool | DuplicateSerialError  # a publication in a group commit: written?, or refused
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """A stored transaction (one queued request and, once decided, its outcome)."""
+
+    id: str
+    user_id: str
+    request: bytes
+    status: str
+    decide_at: float | None
+    approve: bool | None
+    certificate: bytes | None
+    error: str
+    detail: str
+    delivered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One issuance's writes in a group commit: the certificate under its serial (16 bytes,
+    unique in the store) and, for a queued request, the pending transaction it closes."""
+
+    serial: bytes
+    dn: str
+    certificate: bytes
+    closes: str | None = None
+
+
+class ServiceStore(Protocol):
+    """The served CA's shared state: transactions and published certificates, one store for
+    every worker (SQLite file by default, `engine.pgstores.PgServiceStore` on PostgreSQL)."""
+
+    async def find(self, transaction_id: str) -> Transaction | None: ...
+
+    async def queue(
+        self,
+        transaction_id: str,
+        user_id: str,
+        request: bytes,
+        decide_at: float | None,
+        approve: bool | None,
+        now: float,
+    ) -> None:
+        """Store a pending request (replacing a finished transaction with the same ID)."""
+
+    async def deliver(self, transaction_id: str) -> None:
+        """Mark a finished transaction's answer as given (the ID may start a new one)."""
+
+    async def finish(self, transaction_id: str, status: str, error: str, detail: str) -> None:
+        """Close a pending transaction without a certificate (refused)."""
+
+    async def decide(self, transaction_id: str, approve: bool, now: float) -> bool:
+        """An administrator's decision on a request still awaiting one; False if none."""
+
+    async def pending(self, now: float) -> list[tuple[str, str, float]]: ...
+
+    async def counts(self, now: float) -> dict[str, int]: ...
+
+    async def publish(self, batch: Sequence[Publication]) -> list[_Outcome]:
+        """A group commit, all in one transaction: per publication True (written), False
+        (its transaction was no longer pending: nothing written) or DuplicateSerialError (the
+        serial is taken: nothing written). Any other failure raises and writes nothing."""
 
 
 def _ignore(step: Step, nanoseconds: int) -> None:
@@ -84,12 +149,155 @@ def seed_users(path: Path, users: Iterable[tuple[User, Verifier]]) -> None:
         connection.close()
 
 
+class SqliteServiceStore:
+    """The service's state in its SQLite file (WAL mode), shared by the workers' connections.
+
+    The administrators' operations also exist as plain calls (`*_now`): `enrollbench approve`
+    and the metrics endpoint call them outside a coroutine."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    async def find(self, transaction_id: str) -> Transaction | None:
+        row = self._db.execute(
+            "SELECT id, user_id, request, status, decide_at, approve, certificate, error, "
+            "detail, delivered FROM transactions WHERE id = ?",
+            (transaction_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        approve = None if row[5] is None else bool(row[5])
+        return Transaction(
+            row[0], row[1], row[2], row[3], row[4], approve, row[6], row[7], row[8], bool(row[9])
+        )
+
+    async def queue(
+        self,
+        transaction_id: str,
+        user_id: str,
+        request: bytes,
+        decide_at: float | None,
+        approve: bool | None,
+        now: float,
+    ) -> None:
+        flag = None if approve is None else int(approve)
+        self._db.execute(
+            "INSERT OR REPLACE INTO transactions VALUES (?,?,?,?,?,?,NULL,NULL,'','',0,?)",
+            (transaction_id, user_id, request, "pending", decide_at, flag, now),
+        )
+
+    async def deliver(self, transaction_id: str) -> None:
+        self._db.execute("UPDATE transactions SET delivered = 1 WHERE id = ?", (transaction_id,))
+
+    async def finish(self, transaction_id: str, status: str, error: str, detail: str) -> None:
+        self._db.execute(
+            "UPDATE transactions SET status = ?, error = ?, detail = ?, delivered = 1 "
+            "WHERE id = ? AND status = 'pending'",
+            (status, error, detail, transaction_id),
+        )
+
+    async def decide(self, transaction_id: str, approve: bool, now: float) -> bool:
+        return self.decide_now(transaction_id, approve, now)
+
+    async def pending(self, now: float) -> list[tuple[str, str, float]]:
+        return self.pending_now(now)
+
+    async def counts(self, now: float) -> dict[str, int]:
+        return self.counts_now(now)
+
+    def decide_now(self, transaction_id: str, approve: bool, now: float) -> bool:
+        cursor = self._db.execute(
+            "UPDATE transactions SET approve = ?, decide_at = ? WHERE id = ? "
+            "AND status = 'pending' AND (approve IS NULL OR decide_at > ?)",
+            (int(approve), now, transaction_id, now),
+        )
+        return cursor.rowcount == 1
+
+    def pending_now(self, now: float) -> list[tuple[str, str, float]]:
+        rows = self._db.execute(
+            "SELECT id, user_id, created FROM transactions WHERE status = 'pending' "
+            "AND (approve IS NULL OR decide_at > ?) ORDER BY created",
+            (now,),
+        ).fetchall()
+        return [(str(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+    def counts_now(self, now: float) -> dict[str, int]:
+        found = dict(self._db.execute("SELECT status, COUNT(*) FROM transactions GROUP BY status"))
+        awaiting = self._db.execute(
+            "SELECT COUNT(*) FROM transactions WHERE status = 'pending' "
+            "AND (approve IS NULL OR decide_at > ?)",
+            (now,),
+        ).fetchone()[0]
+        published = self._db.execute("SELECT COUNT(*) FROM published").fetchone()[0]
+        return {
+            **{str(k): int(v) for k, v in found.items()},
+            "awaiting": int(awaiting),
+            "published": int(published),
+        }
+
+    async def publish(self, batch: Sequence[Publication]) -> list[_Outcome]:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            outcomes = [self._apply(publication) for publication in batch]
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return outcomes
+
+    def _apply(self, publication: Publication) -> _Outcome:
+        """One publication's writes inside the group's transaction: all of them or none."""
+        db = self._db
+        insert = (
+            "INSERT INTO published VALUES (?, ?, ?)",
+            (publication.serial, publication.dn, publication.certificate),
+        )
+        if publication.closes is None:
+            try:
+                db.execute(*insert)
+            except sqlite3.IntegrityError as exc:
+                return _duplicate(publication, exc)
+            return True
+        db.execute("SAVEPOINT request")
+        try:
+            closed = db.execute(
+                "UPDATE transactions SET status = 'issued', serial = ?, certificate = ?, "
+                "delivered = 1 WHERE id = ? AND status = 'pending'",
+                (publication.serial, publication.certificate, publication.closes),
+            )
+            if closed.rowcount != 1:
+                return False
+            db.execute(*insert)
+        except sqlite3.IntegrityError as exc:
+            db.execute("ROLLBACK TO request")
+            return _duplicate(publication, exc)
+        finally:
+            db.execute("RELEASE request")
+        return True
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _duplicate(publication: Publication, cause: Exception) -> DuplicateSerialError:
+    duplicate = DuplicateSerialError(int.from_bytes(publication.serial, "big"))
+    duplicate.__cause__ = cause
+    return duplicate
+
+
 class SharedCAService:
     """One worker's handle on the CA service (implements `engine.wire.seam.CAService`).
 
     `review_board`: the administrators' calendar shared by all workers (required when the
     configuration has approval). `manual`: no simulated administrators; requests wait for
-    `decide` (an administrator's call from the admin endpoint or command).
+    `decide` (an administrator's call from the admin endpoint or command). `store`: where
+    transactions and published certificates live (the caller closes it); by default the SQLite
+    file at `path`, which also holds the users either way.
     """
 
     def __init__(
@@ -103,15 +311,16 @@ class SharedCAService:
         manual: bool = False,
         observe: Observe = _ignore,
         wall_clock: Callable[[], float] = time.time,
+        store: ServiceStore | None = None,
     ) -> None:
         if config.approval is not None and review_board is None and not manual:
             raise ValueError("an approval policy needs the service's shared review board")
         self._users = Database(path, durable=True)
         self.directory = SqliteDirectory(self._users)
-        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._own_store: SqliteServiceStore | None = None
+        if store is None:
+            store = self._own_store = SqliteServiceStore(path)
+        self._store = store
         self.authority = CertificationAuthority(
             config.profile_id,
             material.chain(),
@@ -132,9 +341,8 @@ class SharedCAService:
             policy = config.approval
             self._simulated = (review_board, policy.delay.sampler(self._rng), policy.approval_rate)
         self._subject_policy = subject_policy
-        self._batch: list[
-            tuple[_Statement, _Statement | None, asyncio.Future[tuple[bool, int]]]
-        ] = []
+        self._batch: list[tuple[Publication, _Written]] = []
+        self._commits: set[asyncio.Task[None]] = set()
         self._observe = observe
         self._wall_clock = wall_clock
 
@@ -175,8 +383,8 @@ class SharedCAService:
         Only a queued request leaves a transaction behind (an auto-issued one is finished when
         answered), so without approval there is nothing to look up."""
         if self._approval is not None:
-            row = self._row(transaction_id)
-            if row is not None and not row["delivered"]:
+            row = await self._store.find(transaction_id)
+            if row is not None and not row.delivered:
                 return await self._advance(row)
         began = time.perf_counter_ns()
         try:
@@ -188,52 +396,50 @@ class SharedCAService:
             self._observe(Step.SEND_REQUEST, time.perf_counter_ns() - began)
         if self._approval is None:
             return await self._issue(transaction_id, request, user, replace=True)
-        return self._queue(transaction_id, request_der, user)
+        return await self._queue(transaction_id, request_der, user)
 
     async def poll(self, transaction_id: str) -> Ticket | None:
-        row = self._row(transaction_id)
+        row = await self._store.find(transaction_id)
         return None if row is None else await self._advance(row)
 
     def decide(self, transaction_id: str, approve: bool) -> bool:
         """An administrator's decision on a request still waiting for one; False if there is
         none (unknown, finished, or already decided: a decision in effect is final)."""
-        now = self._wall_clock()
-        cursor = self._db.execute(
-            "UPDATE transactions SET approve = ?, decide_at = ? WHERE id = ? "
-            "AND status = 'pending' AND (approve IS NULL OR decide_at > ?)",
-            (int(approve), now, transaction_id, now),
-        )
-        return cursor.rowcount == 1
+        return self._sqlite().decide_now(transaction_id, approve, self._wall_clock())
 
     def pending(self) -> list[tuple[str, str, float]]:
         """Requests waiting for an administrator: (transaction ID, user ID, since). A request
         decided but not yet collected by its device is no longer waiting for one."""
-        rows = self._db.execute(
-            "SELECT id, user_id, created FROM transactions WHERE status = 'pending' "
-            "AND (approve IS NULL OR decide_at > ?) ORDER BY created",
-            (self._wall_clock(),),
-        ).fetchall()
-        return [(str(r[0]), str(r[1]), float(r[2])) for r in rows]
+        return self._sqlite().pending_now(self._wall_clock())
 
     def counts(self) -> dict[str, int]:
         """Transactions by status, those awaiting a decision, and certificates published (for
         the metrics endpoint)."""
-        found = dict(self._db.execute("SELECT status, COUNT(*) FROM transactions GROUP BY status"))
-        awaiting = self._db.execute(
-            "SELECT COUNT(*) FROM transactions WHERE status = 'pending' "
-            "AND (approve IS NULL OR decide_at > ?)",
-            (self._wall_clock(),),
-        ).fetchone()[0]
-        published = self._db.execute("SELECT COUNT(*) FROM published").fetchone()[0]
-        return {
-            **{str(k): int(v) for k, v in found.items()},
-            "awaiting": int(awaiting),
-            "published": int(published),
-        }
+        return self._sqlite().counts_now(self._wall_clock())
+
+    async def decide_async(self, transaction_id: str, approve: bool) -> bool:
+        """`decide` on any store."""
+        return await self._store.decide(transaction_id, approve, self._wall_clock())
+
+    async def pending_async(self) -> list[tuple[str, str, float]]:
+        """`pending` on any store."""
+        return await self._store.pending(self._wall_clock())
+
+    async def counts_async(self) -> dict[str, int]:
+        """`counts` on any store."""
+        return await self._store.counts(self._wall_clock())
 
     def close(self) -> None:
-        self._db.close()
+        """Close the SQLite connections this service opened (a store passed in is not ours)."""
+        if self._own_store is not None:
+            self._own_store.close()
         self._users.close()
+
+    def _sqlite(self) -> SqliteServiceStore:
+        """The default store, whose administrators' calls need no event loop."""
+        if self._own_store is None:
+            raise TypeError("this store's administrators' calls are async: use *_async")
+        return self._own_store
 
     def _policy_view(self, request: ParsedRequest, user: User) -> ParsedRequest:
         """The request as the CA's subject policy reads it."""
@@ -243,10 +449,10 @@ class SharedCAService:
             subject=user.dn.der, extensions={SAN_OID_DER: (False, user.alternative_names)}
         )
 
-    def _queue(self, transaction_id: str, request_der: bytes, user: User) -> Ticket:
+    async def _queue(self, transaction_id: str, request_der: bytes, user: User) -> Ticket:
         """Book an administrator (simulated) or wait for a person (manual); store as pending."""
         decide_at: float | None = None
-        approve: int | None = None
+        approve: bool | None = None
         if self._simulated is not None:
             board, draw_delay, approval_rate = self._simulated
             booked = board.reserve(draw_delay(), time.monotonic)
@@ -254,37 +460,30 @@ class SharedCAService:
             # after the board's lock (waiting for it between the reads shifted decide_at)
             now, monotonic = self._wall_clock(), time.monotonic()
             decide_at = now + (booked.finish - monotonic)
-            approve = int(self._rng.random() < approval_rate)
+            approve = self._rng.random() < approval_rate
         else:
             now = self._wall_clock()
-        self._db.execute(
-            "INSERT OR REPLACE INTO transactions VALUES (?,?,?,?,?,?,NULL,NULL,'','',0,?)",
-            (transaction_id, user.user_id, request_der, "pending", decide_at, approve, now),
-        )
+        await self._store.queue(transaction_id, user.user_id, request_der, decide_at, approve, now)
         return self._pending_ticket(transaction_id, decide_at, now)
 
-    async def _advance(self, row: sqlite3.Row) -> Ticket:
+    async def _advance(self, row: Transaction) -> Ticket:
         """An open transaction's current state; decide it if its administrator has."""
-        transaction_id = str(row["id"])
-        status = TicketStatus(row["status"])
+        transaction_id = row.id
+        status = TicketStatus(row.status)
         if status is not TicketStatus.PENDING:
-            self._db.execute(
-                "UPDATE transactions SET delivered = 1 WHERE id = ?", (transaction_id,)
-            )
-            return Ticket(
-                transaction_id, status, row["certificate"] or b"", row["error"], row["detail"]
-            )
+            await self._store.deliver(transaction_id)
+            return Ticket(transaction_id, status, row.certificate or b"", row.error, row.detail)
         now = self._wall_clock()
-        if row["approve"] is None or row["decide_at"] > now:
-            return self._pending_ticket(transaction_id, row["decide_at"], now)
+        if row.approve is None or row.decide_at is None or row.decide_at > now:
+            return self._pending_ticket(transaction_id, row.decide_at, now)
         if self._simulated is not None:
             self._simulated[0].release()
-        user = await self.directory.lookup_user(str(row["user_id"]))
-        if not row["approve"]:
+        user = await self.directory.lookup_user(row.user_id)
+        if not row.approve:
             denied = ApprovalDeniedError(transaction_id, 0)
-            self._finish(transaction_id, "rejected", type(denied).__name__, str(denied))
+            await self._store.finish(transaction_id, "rejected", type(denied).__name__, str(denied))
             return _refusal(transaction_id, denied)
-        request = self._policy_view(parse_request(row["request"]), user)
+        request = self._policy_view(parse_request(row.request), user)
         return await self._issue(transaction_id, request, user, replace=False)
 
     async def _issue(
@@ -296,7 +495,7 @@ class SharedCAService:
         replace: bool,
     ) -> Ticket:
         """Sign and publish, committed before the answer; a colliding serial draws again
-        (RFC 5280 4.1.2.2: unique per CA, which the store's PRIMARY KEY enforces).
+        (RFC 5280 4.1.2.2: unique per CA, which the store enforces).
 
         Auto-issued transactions are finished when answered, so only the certificate is
         stored; a request decided after a wait also closes its pending transaction, unless
@@ -305,98 +504,66 @@ class SharedCAService:
             began = time.perf_counter_ns()
             issued = self.authority.issue(request, user)
             signed = time.perf_counter_ns() - began
-            serial, certificate = issued.serial.to_bytes(16, "big"), issued.certificate
-            publish = ("INSERT INTO published VALUES (?, ?, ?)", (serial, issued.dn, certificate))
-            close = (
-                "UPDATE transactions SET status = 'issued', serial = ?, certificate = ?, "
-                "delivered = 1 WHERE id = ? AND status = 'pending'",
-                (serial, certificate, transaction_id),
+            certificate = issued.certificate
+            publication = Publication(
+                issued.serial.to_bytes(16, "big"),
+                issued.dn,
+                certificate,
+                None if replace else transaction_id,
             )
             try:
-                written, commit_share = await self._write(publish, None if replace else close)
+                written, commit_share = await self._write(publication)
                 # the CA's time: its signature and its share of the group commit
                 self._observe(Step.ISSUE, signed + commit_share)
                 if written:
                     return Ticket(transaction_id, TicketStatus.ISSUED, certificate)
-            except sqlite3.IntegrityError:
+            except DuplicateSerialError:
                 if draw == _SERIAL_DRAWS - 1:
                     raise
                 continue
-            row = self._row(transaction_id)  # another worker decided it first
+            row = await self._store.find(transaction_id)  # another worker decided it first
             if row is None:  # pragma: no cover (rows are never deleted)
                 raise UnknownUserError(transaction_id)
             return await self._advance(row)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _write(self, statement: _Statement, guard: _Statement | None) -> tuple[bool, int]:
-        """Run `statement` in the next group commit and return once it is committed, with
+    async def _write(self, publication: Publication) -> tuple[bool, int]:
+        """Write `publication` in the next group commit and return once it is committed, with
         this request's share of the commit's time (ns).
 
-        Requests handled in the same turn of the event loop share one SQLite transaction (a
-        commit costs more than the rest of an issuance's storage). `guard`, an UPDATE, must
-        change one row first, or nothing is written and False is returned. A constraint that
-        fails raises IntegrityError here and writes nothing of this request."""
+        Requests handled in the same turn of the event loop share one store transaction (a
+        commit costs more than the rest of an issuance's storage). False: the transaction it
+        closes was closed elsewhere, nothing written. DuplicateSerialError: nothing written."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[bool, int]] = loop.create_future()
-        self._batch.append((statement, guard, future))
+        future: _Written = loop.create_future()
+        self._batch.append((publication, future))
         if len(self._batch) == 1:
-            loop.call_soon(self._commit_batch)
+            loop.call_soon(self._start_commit)
         return await future
 
-    def _commit_batch(self) -> None:
+    def _start_commit(self) -> None:
         batch, self._batch = self._batch, []
+        # a task of its own: while it waits for a server, the next turn's requests form the
+        # next batch
+        task = asyncio.get_running_loop().create_task(self._commit_batch(batch))
+        self._commits.add(task)
+        task.add_done_callback(self._commits.discard)
+
+    async def _commit_batch(self, batch: list[tuple[Publication, _Written]]) -> None:
         began = time.perf_counter_ns()
-        db = self._db
-        outcomes: list[bool | BaseException] = []
+        outcomes: Sequence[_Outcome | BaseException]
         try:
-            db.execute("BEGIN IMMEDIATE")
-            for statement, guard, _ in batch:
-                outcomes.append(self._apply(statement, guard))
-            db.execute("COMMIT")
-        except BaseException as exc:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+            outcomes = await self._store.publish([publication for publication, _ in batch])
+        except Exception as exc:  # every request of the batch shares its failure
             outcomes = [exc] * len(batch)
         share = (time.perf_counter_ns() - began) // len(batch)
-        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():  # its request was cancelled
+                continue
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)
             else:
                 future.set_result((outcome, share))
-
-    def _apply(self, statement: _Statement, guard: _Statement | None) -> bool | BaseException:
-        """One request's writes inside the group's transaction: all of them or none."""
-        db = self._db
-        if guard is None:
-            try:
-                db.execute(*statement)
-            except sqlite3.IntegrityError as exc:
-                return exc
-            return True
-        db.execute("SAVEPOINT request")
-        try:
-            if db.execute(*guard).rowcount != 1:
-                return False
-            db.execute(*statement)
-        except sqlite3.IntegrityError as exc:
-            db.execute("ROLLBACK TO request")
-            return exc
-        finally:
-            db.execute("RELEASE request")
-        return True
-
-    def _finish(self, transaction_id: str, status: str, error: str, detail: str) -> None:
-        self._db.execute(
-            "UPDATE transactions SET status = ?, error = ?, detail = ?, delivered = 1 "
-            "WHERE id = ? AND status = 'pending'",
-            (status, error, detail, transaction_id),
-        )
-
-    def _row(self, transaction_id: str) -> sqlite3.Row | None:
-        cursor = self._db.execute("SELECT * FROM transactions WHERE id = ?", (transaction_id,))
-        cursor.row_factory = sqlite3.Row
-        row: sqlite3.Row | None = cursor.fetchone()
-        return row
 
     @staticmethod
     def _pending_ticket(transaction_id: str, decide_at: float | None, now: float) -> Ticket:
