@@ -12,12 +12,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
+import pkcs11
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from hypothesis import given
 from hypothesis import strategies as st
+from pkcs11 import ObjectClass
 
 from bench.services.softhsm import CONF_ENV, Token, create_token, import_key
 from engine.ca import build_hierarchy
@@ -27,6 +29,7 @@ from engine.hsm import (
     HsmModuleError,
     HsmPinError,
     HsmSigner,
+    HsmSigningError,
     HsmTokenNotFoundError,
     Pkcs11Uri,
     Pkcs11UriError,
@@ -182,6 +185,22 @@ def test_unpickled_signer_reopens_and_signs(token: Token) -> None:
     restored = pickle.loads(pickle.dumps(open_signer(token, "rsa2048")))
     reset_sessions()
     verify("rsa2048", restored.sign(MESSAGE), MESSAGE)
+
+
+@pytest.mark.server
+def test_key_deleted_from_the_token_fails_typed(token: Token) -> None:
+    """A key removed under a signer: signing raises HsmSigningError, the next try names it gone."""
+    uri = import_key(token, vector_key("p256-3"), "doomed", b"\x09")
+    signer = HsmSigner.open(token.module, uri, PIN, "sha256")
+    session = pkcs11.lib(token.module).get_token(token_label=token.label).open(rw=True)
+    try:
+        session.get_key(object_class=ObjectClass.PRIVATE_KEY, label="doomed").destroy()
+    finally:
+        session.close()
+    with pytest.raises(HsmSigningError, match="failed to sign"):
+        signer.sign(MESSAGE)
+    with pytest.raises(HsmKeyNotFoundError, match="no private key"):
+        signer.sign(MESSAGE)
 
 
 def sign_in_child(signer: HsmSigner, queue: multiprocessing.Queue[tuple[int, bytes]]) -> None:
