@@ -152,6 +152,17 @@ def test_missing_key_is_named(token: Token) -> None:
 
 
 @pytest.mark.server
+def test_token_found_by_serial_and_by_slot_id(token: Token) -> None:
+    """serial= and slot-id= select the token as token= does."""
+    found = pkcs11.lib(token.module).get_token(token_label=token.label)
+    serial = found.serial.decode() if isinstance(found.serial, bytes) else str(found.serial)
+    by_serial = f"pkcs11:serial={serial.strip()};object=p256"
+    by_slot = f"pkcs11:slot-id={found.slot.slot_id};object=p256"
+    for uri in (by_serial, by_slot):
+        verify("p256", HsmSigner.open(token.module, uri, PIN, "sha256").sign(MESSAGE), MESSAGE)
+
+
+@pytest.mark.server
 def test_missing_token_is_named(token: Token) -> None:
     """A URI naming another token raises HsmTokenNotFoundError."""
     with pytest.raises(HsmTokenNotFoundError, match="no token"):
