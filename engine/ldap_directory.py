@@ -53,7 +53,6 @@ _UNAVAILABLE = (
     ldap.CONNECT_ERROR,
     ldap.UNAVAILABLE,
     ldap.BUSY,
-    ldap.UNWILLING_TO_PERFORM,
     OSError,
 )
 
@@ -208,8 +207,15 @@ class _Pool:
             conn = self._idle.pop() if self._idle else await self._connect()
             try:
                 yield conn
+            except ldap.LDAPError as exc:
+                # A result code (wrong password, no such entry) leaves the connection usable.
+                if isinstance(exc, _UNAVAILABLE):
+                    conn.close()
+                else:
+                    self._idle.append(conn)
+                raise
             except BaseException:
-                conn.close()
+                conn.close()  # cancelled or timed out mid-operation: its state is unknown
                 raise
             self._idle.append(conn)
 
