@@ -32,6 +32,7 @@ from engine.errors import (
     ApprovalDeniedError,
     DuplicateSerialError,
     EnrollmentError,
+    FailedError,
     RejectedError,
     UnknownUserError,
 )
@@ -379,9 +380,17 @@ class SharedCAService:
 
     async def submit(self, transaction_id: str, request_der: bytes, user: User) -> Ticket:
         """Check the request, then issue it or queue it for an administrator (see the module).
+        A store that fails (a database server down, serials colliding draw after draw) fails
+        this request with the error's type (a FAILED ticket) instead of raising.
 
         Only a queued request leaves a transaction behind (an auto-issued one is finished when
         answered), so without approval there is nothing to look up."""
+        try:
+            return await self._submit(transaction_id, request_der, user)
+        except FailedError as exc:
+            return _refusal(transaction_id, exc)
+
+    async def _submit(self, transaction_id: str, request_der: bytes, user: User) -> Ticket:
         if self._approval is not None:
             row = await self._store.find(transaction_id)
             if row is not None and not row.delivered:
@@ -399,8 +408,12 @@ class SharedCAService:
         return await self._queue(transaction_id, request_der, user)
 
     async def poll(self, transaction_id: str) -> Ticket | None:
-        row = await self._store.find(transaction_id)
-        return None if row is None else await self._advance(row)
+        """The transaction's state; a failing store is a FAILED ticket (as in `submit`)."""
+        try:
+            row = await self._store.find(transaction_id)
+            return None if row is None else await self._advance(row)
+        except FailedError as exc:
+            return _refusal(transaction_id, exc)
 
     def decide(self, transaction_id: str, approve: bool) -> bool:
         """An administrator's decision on a request still waiting for one; False if there is

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -281,3 +284,70 @@ def test_a_silent_server_times_out() -> None:
         database = PgDatabase(f"postgresql://u:p@127.0.0.1:{port}/db", timeout=0.5)
         with pytest.raises(DatabaseUnavailableError, match="TimeoutError"):
             _run(database, lambda: PgConfigurationDatabase(database).stored_key("x"))
+
+
+def test_service_fails_typed_while_the_database_is_down(
+    server: postgres.PostgresServer, users: Path
+) -> None:
+    """Database stopped: submit answers FAILED DatabaseUnavailableError; back: it issues."""
+    database = PgDatabase(server.dsn, timeout=5.0)
+    service = _service(users, database)
+
+    async def work() -> tuple[tuple[TicketStatus, str], TicketStatus]:
+        await service.counts_async()  # connected before the fault
+        await asyncio.to_thread(server.halt)
+        try:
+            down = await service.submit("pg-down", _request(_user(4)), _user(4))
+        finally:
+            await asyncio.to_thread(server.resume)
+        back = await service.submit("pg-back", _request(_user(4)), _user(4))
+        return (down.status, down.error), back.status
+
+    down, back = _run(database, work)
+    assert down == (TicketStatus.FAILED, "DatabaseUnavailableError")
+    assert back is TicketStatus.ISSUED
+    service.close()
+
+
+_POLLER = """
+import asyncio, os, sys
+from engine.pgstores import PgDatabase, PgServiceStore
+from engine.service import SharedCAService
+from engine.system import EngineConfig
+from tests.engine.test_pgstores import APPROVAL
+from tests.conftest import ca_material
+
+async def main():
+    database = PgDatabase(os.environ["ENROLLBENCH_TEST_DSN"])
+    service = SharedCAService(APPROVAL, ca_material(APPROVAL), sys.argv[1],
+                              store=PgServiceStore(database), manual=True)
+    ticket = await service.poll("pg-other-process")
+    await database.close()
+    print(ticket.status.value if ticket else "none")
+
+asyncio.run(main())
+"""
+
+
+def test_a_poll_in_another_process_finds_the_transaction(
+    server: postgres.PostgresServer, users: Path
+) -> None:
+    """A request queued here is found, pending, by a poll from another process."""
+    database = PgDatabase(server.dsn)
+    service = _service(users, database, APPROVAL)
+    queued = _run(
+        database, lambda: service.submit("pg-other-process", _request(_user(0)), _user(0))
+    )
+    assert queued.status is TicketStatus.PENDING
+    environment = {**os.environ, "ENROLLBENCH_TEST_DSN": server.dsn}
+    done = subprocess.run(
+        [sys.executable, "-c", _POLLER, str(users)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment,
+        cwd=Path(__file__).parents[2],
+        check=True,
+    )
+    assert done.stdout.strip() == TicketStatus.PENDING.value
+    service.close()

@@ -18,7 +18,7 @@ from engine.errors import MalformedDerError, UnknownUserError
 from engine.identity import User
 from engine.keys import Signer, key_spec
 from engine.population import directory_entry, simulated_enrollee
-from engine.request import RequestContent, RequestTemplate
+from engine.request import RequestContent, RequestTemplate, parse_request
 from engine.service import SharedCAService, SubjectPolicy, common_name, seed_users
 from engine.system import EngineConfig
 from engine.wire.seam import TicketStatus
@@ -285,3 +285,20 @@ def test_a_simulated_review_awaits_until_it_ends(store: Path) -> None:
     assert polled is not None and polled.status is TicketStatus.ISSUED
     service.close()
     board.close()
+
+
+def test_serials_colliding_every_draw_fail_the_request(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A serial the store holds, drawn again and again, is a FAILED ticket, not an exception."""
+    service = _service(store)
+    first = asyncio.run(service.submit("t1", _request(_user(1)), _user(1)))
+    assert first.status is TicketStatus.ISSUED
+    issue = service.authority.issue
+    repeated = issue(service._policy_view(parse_request(_request(_user(1))), _user(1)), _user(1))
+    monkeypatch.setattr(service.authority, "issue", lambda request, user: repeated)
+    asyncio.run(service.submit("t0", _request(_user(1)), _user(1)))  # takes the serial
+    ticket = asyncio.run(service.submit("t2", _request(_user(1)), _user(1)))
+    assert (ticket.status, ticket.error) == (TicketStatus.FAILED, "DuplicateSerialError")
+    assert service.counts()["published"] == 2
+    service.close()
