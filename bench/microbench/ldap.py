@@ -2,7 +2,7 @@
 
     python -m bench.microbench.ldap [--users 2000] [--enrollments 2000] [--rounds 5]
                                     [--concurrency 8] [--sides ours,ours-pooled,bonsai,ldap3]
-                                    [--scheme {SSHA}] [--pin CPU]
+                                    [--scheme {SSHA}] [--pin CPU] [--operations]
 
 Starts its own slapd (bench.services.slapd) in a temporary folder with `--users` simulated users,
 then runs blocks of `--enrollments` enrollments' LDAP work (step 2 bind as the user, steps 3-4
@@ -19,6 +19,10 @@ flight, on uvloop. Sides, interleaved in rounds (order reversed every other roun
 Each block prints enrollments/s, client CPU µs per enrollment (this process's process_time) and
 slapd CPU µs per enrollment (/proc/<pid>/stat utime+stime); medians with min-max over rounds.
 Certificates (one per user, P-256, built before the clock) carry the serial retrieve checks.
+
+`--operations` measures single operations instead (how the client was chosen): searches by uid
+and simple binds per second and client CPU µs each, for python-ldap blocking (the floor),
+engine.ldap_directory (python-ldap on the loop), bonsai and ldap3.
 """
 
 from __future__ import annotations
@@ -204,6 +208,126 @@ def _cell(values: Sequence[float]) -> str:
     return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
 
 
+def operations(server: Slapd, users: Sequence[Enrollee], concurrency: int) -> None:
+    """Per-operation rates and client CPU for each client (one block each)."""
+    import ldap  # type: ignore[import-untyped]  # noqa: PLC0415 (only this mode uses it)
+
+    def timed(name: str, what: str, run: Callable[[], Any]) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        count = len(users)
+        print(f"{name:24s} {what:14s} {count / wall:8.0f}/s  {1e6 * cpu / count:6.1f} µs CPU")
+
+    def entry(enrollee: Enrollee) -> str:
+        return f"uid={enrollee.user.user_id},{PEOPLE}"
+
+    admin = ldap.initialize(server.url)
+    admin.simple_bind_s(ADMIN_DN, ADMIN_PASSWORD)
+    wanted = ["seeAlso", "mail", "userPrincipalName"]
+    timed(
+        "python-ldap (blocking)",
+        "search",
+        lambda: [
+            admin.search_s(PEOPLE, ldap.SCOPE_ONELEVEL, f"(uid={e.user.user_id})", wanted)
+            for e in users
+        ],
+    )
+    binder = ldap.initialize(server.url)
+    timed(
+        "python-ldap (blocking)",
+        "rebind",
+        lambda: [binder.simple_bind_s(entry(e), e.password) for e in users],
+    )
+
+    def connect_bind() -> None:
+        for e in users:
+            conn = ldap.initialize(server.url)
+            conn.simple_bind_s(entry(e), e.password)
+            conn.unbind_s()
+
+    timed("python-ldap (blocking)", "connect+bind", connect_bind)
+    for pooled in (True, False):
+        settings = LdapSettings(
+            server.url,
+            ADMIN_DN,
+            ADMIN_PASSWORD,
+            pool_size=concurrency,
+            bind_per_enrollment=not pooled,
+        )
+        directory = LdapDirectory(settings)
+        name = f"ours x{concurrency}"
+        for what in ("lookup_user", "lookup (again)") if pooled else ():
+            timed(
+                name,
+                what,
+                lambda: uvloop.run(
+                    _each(users, concurrency, lambda e: directory.lookup_user(e.user.user_id))  # noqa: B023 (run at once)
+                ),
+            )
+        what = "pooled bind" if pooled else "connect+bind"
+        timed(
+            name,
+            what,
+            lambda: uvloop.run(
+                _each(
+                    users,
+                    concurrency,
+                    lambda e: directory.authenticate(e.user.user_id, e.password),  # noqa: B023
+                )
+            ),
+        )
+        directory.close()
+    if importlib.util.find_spec("bonsai") is not None:
+        timed(
+            f"bonsai x{concurrency}",
+            "search",
+            lambda: uvloop.run(_bonsai_searches(server, users, concurrency)),
+        )
+    if importlib.util.find_spec("ldap3") is not None:
+        import ldap3  # noqa: PLC0415 (optional)
+
+        host = ldap3.Server(server.url.rstrip("/"), get_info=ldap3.NONE)
+        conn = ldap3.Connection(host, ADMIN_DN, ADMIN_PASSWORD, auto_bind=True)
+        timed(
+            "ldap3 (blocking)",
+            "search",
+            lambda: [
+                conn.search(PEOPLE, f"(uid={e.user.user_id})", attributes=wanted) for e in users
+            ],
+        )
+        timed(
+            "ldap3 (blocking)", "rebind", lambda: [conn.rebind(entry(e), e.password) for e in users]
+        )
+
+
+async def _each(
+    users: Sequence[Enrollee], concurrency: int, call: Callable[[Enrollee], Awaitable[Any]]
+) -> None:
+    async def worker(part: Sequence[Enrollee]) -> None:
+        for enrollee in part:
+            await call(enrollee)
+
+    await asyncio.gather(*(worker(users[i::concurrency]) for i in range(concurrency)))
+
+
+async def _bonsai_searches(server: Slapd, users: Sequence[Enrollee], concurrency: int) -> None:
+    import bonsai  # noqa: PLC0415 (optional)
+
+    client = bonsai.LDAPClient(server.url)
+    client.set_credentials("SIMPLE", user=ADMIN_DN, password=ADMIN_PASSWORD)
+    idle = [await client.connect(is_async=True) for _ in range(concurrency)]
+
+    async def search(enrollee: Enrollee) -> None:
+        conn = idle.pop()
+        await conn.search(PEOPLE, 1, f"(uid={enrollee.user.user_id})", ["mail", "seeAlso"])
+        idle.append(conn)
+
+    await _each(users, concurrency, search)
+    for conn in idle:
+        conn.close()
+
+
 def _available_sides() -> list[str]:
     """Ours always; bonsai and ldap3 when installed (they are not enrollbench dependencies)."""
     others = [name for name in ("bonsai", "ldap3") if importlib.util.find_spec(name) is not None]
@@ -219,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sides", default=",".join(_available_sides()))
     parser.add_argument("--scheme", default="{SSHA}", help="userPassword scheme in slapd")
     parser.add_argument("--pin", type=int, help="pin this process and slapd to one CPU")
+    parser.add_argument("--operations", action="store_true", help="single operations instead")
     options = parser.parse_args(argv)
     sides = options.sides.split(",")
     users = [simulated_enrollee(i, SEED) for i in range(options.users)]
@@ -234,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 threads = [int(t) for t in os.listdir(f"/proc/{server.pid}/task")]
                 for pid in (0, *threads):  # slapd's threads each, not just its main one
                     os.sched_setaffinity(pid, {options.pin})
+            if options.operations:
+                operations(server, users, options.concurrency)
+                return 0
             measure(sides[0], server, work[:200], options.concurrency)  # warm slapd's caches
             blocks = []
             for round_ in range(options.rounds):
