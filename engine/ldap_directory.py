@@ -297,7 +297,7 @@ class LdapDirectory:
 
     async def lookup_user(self, user_id: str) -> User:
         """Steps 3-4: the user's entry by uid (RFC 4515 escaped: no filter injection)."""
-        found = await self._search_people(f"(uid={ldap.filter.escape_filter_chars(user_id)})")
+        found = await self._search_people(f"(uid={_filter_value(user_id)})")
         if not found:
             raise UnknownUserError(user_id)
         if len(found) > 1:
@@ -400,13 +400,24 @@ def _values(result: tuple[Any, ...], attribute: str) -> list[bytes]:
 
 def _single(entry: str, attributes: dict[str, list[bytes]], name: str) -> str:
     """The one value of a single-valued attribute, as text."""
-    values = next((v for k, v in attributes.items() if k.lower() == name.lower()), [])
+    values = attributes.get(name)  # slapd answers with the names as asked, so this hits
+    if values is None:
+        values = next((v for k, v in attributes.items() if k.lower() == name.lower()), [])
     if len(values) != 1:
         raise DirectoryEntryError(entry, f"{len(values)} values of {name} (one expected)")
     try:
         return bytes(values[0]).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DirectoryEntryError(entry, f"{name} is not UTF-8") from exc
+
+
+def _filter_value(value: str) -> str:
+    """An assertion value escaped per RFC 4515 (3: '*', '(', ')', '\\' and NUL as \\XX);
+    letters and digits alone, the usual user ID, need no escaping."""
+    if value.isascii() and value.isalnum():
+        return value
+    escaped: str = ldap.filter.escape_filter_chars(value)
+    return escaped
 
 
 def _describe(exc: BaseException) -> str:
