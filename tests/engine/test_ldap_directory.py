@@ -149,6 +149,20 @@ def test_an_empty_password_is_refused(slapd: Slapd) -> None:
         run(directory(slapd).authenticate(USERS[0].user.user_id, ""))
 
 
+@pytest.mark.parametrize("password", ["\x00", "pw\x00rest", "\\", "*", "\u00e9" * 300])
+def test_odd_passwords_are_refused(slapd: Slapd, password: str) -> None:
+    """NUL bytes, metacharacters and long non-ASCII passwords are plain wrong passwords."""
+    with pytest.raises(AuthenticationError):
+        run(directory(slapd).authenticate(USERS[0].user.user_id, password))
+
+
+def test_a_password_with_a_nul_is_not_cut_at_the_nul(slapd: Slapd) -> None:
+    """The right password followed by NUL and more is refused (no C-string truncation)."""
+    enrollee = USERS[0]
+    with pytest.raises(AuthenticationError):
+        run(directory(slapd).authenticate(enrollee.user.user_id, enrollee.password + "\x00x"))
+
+
 def test_bind_as_an_unknown_user_fails_like_a_wrong_password(slapd: Slapd) -> None:
     """An unknown user ID is an AuthenticationError, not a different error."""
     with pytest.raises(AuthenticationError):
