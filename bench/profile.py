@@ -153,6 +153,12 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "validity_days": Rule(
             365, "an integer from 1 to 3650", _integer(1, 3650), "end-entity certificate lifetime"
         ),
+        "signing": Rule(
+            "memory",
+            "memory, softhsm",
+            _choice("memory", "softhsm"),
+            "the issuing CA's key in memory, or in a SoftHSM2 PKCS #11 token made for the run",
+        ),
         "allowed_keys": Rule(
             list(KEY_SPECS),
             f"a non-empty list of {_KEYS}",

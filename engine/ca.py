@@ -35,7 +35,15 @@ from engine.identity import (
     describe_name,
     general_name_elements,
 )
-from engine.keys import KeyFamily, KeySpec, PrivateKey, Signer, family_of, hash_algorithm
+from engine.keys import (
+    CaSigner,
+    KeyFamily,
+    KeySpec,
+    PrivateKey,
+    Signer,
+    family_of,
+    hash_algorithm,
+)
 from engine.request import SAN_OID_DER, ParsedRequest, verify_request
 from engine.stores import Directory
 
@@ -151,7 +159,10 @@ class CertificationAuthority:
         directory: Directory,
         wall_clock: Callable[[], float],
         approvals: AdministratorPool | None = None,
+        signer: CaSigner | None = None,
     ) -> None:
+        """`signer`: the issuing CA's key where it is not in memory (a PKCS #11 token); it
+        must hold the key of the chain's issuing certificate."""
         self.profile_id = profile_id
         self.directory = directory
         self.chain = chain
@@ -159,9 +170,11 @@ class CertificationAuthority:
         self.policy = policy
         self.approvals = approvals
         self._wall_clock = wall_clock
-        self._template = CertificateTemplate(
-            chain.issuing, Signer(chain.issuing_key, hash_name), device_family, validity_seconds
-        )
+        if signer is None:
+            signer = Signer(chain.issuing_key, hash_name)
+        elif signer.spki != Signer(chain.issuing_key, hash_name).spki:
+            raise ValueError("the CA signer's key is not the issuing certificate's key")
+        self._template = CertificateTemplate(chain.issuing, signer, device_family, validity_seconds)
         self.issued = 0
 
     async def process(

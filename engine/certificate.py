@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from engine import _der
 from engine.errors import EmptySanError
-from engine.keys import KeyFamily, Signer, SubjectKey, hash_algorithm
+from engine.keys import CaSigner, KeyFamily, Signer, SubjectKey, hash_algorithm
 from engine.request import SAN_OID_DER, device_key_usage, encode_extension
 
 _VERSION_3 = _der.encode_tlv(0xA0, _der.encode_integer(2))  # [0] EXPLICIT Version v3(2)
@@ -65,7 +65,7 @@ class CertificateTemplate:
     def __init__(
         self,
         issuer: x509.Certificate,
-        signer: Signer,
+        signer: CaSigner,
         device_family: KeyFamily,
         validity_seconds: int,
     ) -> None:

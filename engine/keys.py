@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import NamedTuple, cast
+from typing import NamedTuple, Protocol, cast
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -243,6 +243,21 @@ def verify_signature(
             cast(ed25519.Ed25519PublicKey, key).verify(signature, data)
     except InvalidSignature as exc:
         raise SignatureInvalidError("signature does not verify with the request's key") from exc
+
+
+class CaSigner(Protocol):
+    """What a CA signs with: a key in memory (`Signer`) or in a PKCS #11 token
+    (`engine.hsm.HsmSigner`)."""
+
+    @property
+    def algorithm(self) -> SignatureAlgorithm: ...
+
+    @property
+    def spki(self) -> bytes: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+    def signed(self, content: bytes) -> bytes: ...
 
 
 class Signer:

@@ -29,6 +29,7 @@ from engine.flow import NULL_RECORDER, Outcome, StepRecorder, enroll
 from engine.identity import User
 from engine.keys import (
     KEY_SPECS,
+    CaSigner,
     PrivateKey,
     key_spec,
     load_private_key,
@@ -100,6 +101,7 @@ class CAMaterial:
 class EnrollmentSystem:
     """One engine replica: directory, configuration database, CA, connection service, server.
 
+    `ca_signer`: the issuing CA's key where it is not in memory (a PKCS #11 token).
     `review_board`: the administrators of the whole run when several replicas (processes) share
     one pool: a `ReviewBoard.shared(config.approval.administrators)` made by the parent, or a
     pickled handle on it. None gives this replica a private pool of its own. The replica never
@@ -116,6 +118,7 @@ class EnrollmentSystem:
         monotonic: Callable[[], float] = time.monotonic,
         *,
         review_board: ReviewBoard | None = None,
+        ca_signer: CaSigner | None = None,
     ) -> None:
         self.config = config
         rng = random.Random(config.seed)
@@ -136,6 +139,7 @@ class EnrollmentSystem:
             self.directory,
             wall_clock,
             approvals,
+            ca_signer,
         )
         cache = ChainCache(config.chain_cache_ttl, monotonic)
         if config.warm_cache:

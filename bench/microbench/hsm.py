@@ -87,8 +87,7 @@ def _issuer(key: str, token: Token, index: int) -> tuple[x509.Certificate, Signe
 
 def _issue_call(issuer: x509.Certificate, signer: Signer | HsmSigner) -> Callable[[], bytes]:
     """One certificate for a fixed P-256 device through a template on `signer`."""
-    # CertificateTemplate is annotated with Signer; HsmSigner has the same interface.
-    template = CertificateTemplate(issuer, signer, KeyFamily.EC, 86_400)  # type: ignore[arg-type]
+    template = CertificateTemplate(issuer, signer, KeyFamily.EC, 86_400)
     device = corpus_keys("p256", 1, 1)[0].public_key()
     spki = split_spki(
         device.public_bytes(

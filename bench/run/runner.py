@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import secrets
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from bench.errors import BenchError
 from bench.histogram import Histogram
 from bench.profile import Profile
 from bench.run.corpus import CorpusSpec, build_corpus, load_keys
-from bench.run.shard import ShardPlan, ShardResult, shard_main
+from bench.run.shard import HsmKey, ShardPlan, ShardResult, shard_main
 from bench.run.targets import (
     ServedCA,
     WireTarget,
@@ -142,6 +143,7 @@ def _plans(
     options: RunOptions,
     board: ReviewBoard | None,
     target: WireTarget | None,
+    hsm: HsmKey | None = None,
 ) -> list[ShardPlan]:
     devices = int(profile.get("load", "devices"))
     sample = options.artifacts_sample if options.artifacts else 0
@@ -161,9 +163,21 @@ def _plans(
                 artifacts_sample=-(-sample // workers),
                 review_board=board,
                 target=target,
+                hsm=hsm,
             )
         )
     return plans
+
+
+def embedded_hsm(folder: Path, material: CAMaterial) -> HsmKey:
+    """A SoftHSM2 token in `folder` holding the issuing CA's key, for one run: the shards sign
+    through it, each in its own session (SoftHSM2 runs inside the process)."""
+    from bench.services.softhsm import create_token, import_key  # noqa: PLC0415 (HSM runs only)
+
+    pin, so_pin = secrets.token_hex(8), secrets.token_hex(8)
+    token = create_token(folder, "enrollbench-ca", pin, so_pin)
+    uri = import_key(token, load_private_key(material.issuing_key), "issuing-ca", b"\x01")
+    return HsmKey(token.module, uri, pin)
 
 
 class _Fleet:
@@ -314,6 +328,10 @@ def execute(
             target = served.start()
         if target is not None:
             probe(target)
+        hsm = None
+        if target is None and profile.get("ca", "signing") == "softhsm":
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="enrollbench-hsm-"))
+            hsm = embedded_hsm(Path(folder), material)
         # One pool of administrators for the whole run, whatever the number of shards (a
         # wire target has its own).
         board = None
@@ -321,7 +339,7 @@ def execute(
             board = stack.enter_context(
                 ReviewBoard.shared(profile.get("approval", "administrators"))
             )
-        plans = _plans(profile, workers, material, corpus, options, board, target)
+        plans = _plans(profile, workers, material, corpus, options, board, target, hsm)
         fleet = _Fleet(plans, options.use_uvloop, shard_entry)
         try:
             fleet.wait_ready()

@@ -36,6 +36,7 @@ from bench.run.targets import WireSystem, WireTarget
 from engine.approval import ReviewBoard
 from engine.device import DeviceIdentity
 from engine.flow import Outcome, Status, Step
+from engine.hsm import HsmSigner
 from engine.population import device_identity, directory_entry, simulated_enrollee
 from engine.system import CAMaterial, EnrollmentSystem
 
@@ -55,6 +56,16 @@ SPIN_NS = 150_000
 
 
 @dataclass(frozen=True, slots=True)
+class HsmKey:
+    """Where the issuing CA's key is: a PKCS #11 module, the key's URI, the token's PIN (it
+    reaches a shard through its plan's pipe, never a file or a flag)."""
+
+    module: str
+    uri: str
+    pin: str = dataclasses.field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class ShardPlan:
     """Everything a shard needs, built by the parent before the clock starts."""
 
@@ -67,6 +78,7 @@ class ShardPlan:
     artifacts_sample: int = 0
     review_board: ReviewBoard | None = None  # the run's one pool of administrators
     target: WireTarget | None = None  # None: the embedded engine; else the CA on the wire
+    hsm: HsmKey | None = None  # the issuing CA's key in a PKCS #11 token
 
 
 @dataclass(slots=True)
@@ -307,11 +319,15 @@ def engine_system(plan: ShardPlan, directory: str) -> tuple[System, list[DeviceI
     config = profile.engine_config(database)
     enrollees = [simulated_enrollee(i, seed) for i in plan.device_indices]
     iterations = profile.get("auth", "iterations")
+    signer = None
+    if plan.hsm is not None:  # this process's own session on the token
+        signer = HsmSigner.open(plan.hsm.module, plan.hsm.uri, plan.hsm.pin, config.hash_name)
     system = EnrollmentSystem(
         config,
         plan.material,
         [directory_entry(e, seed, iterations) for e in enrollees],
         review_board=plan.review_board,
+        ca_signer=signer,
     )
     corpus = None if plan.corpus is None else read_corpus(plan.corpus, plan.device_indices)
     identities = [

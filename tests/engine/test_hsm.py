@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
 
 import pkcs11
 import pytest
@@ -105,7 +104,7 @@ def test_certificate_from_template_passes_openssl_verify(
     signer = open_signer(token, label)
     # CertificateTemplate is annotated with Signer; HsmSigner has the same interface.
     template = CertificateTemplate(
-        chain.certificates[-1], cast(Signer, signer), KeyFamily.EC, 86_400
+        chain.certificates[-1], signer, KeyFamily.EC, 86_400
     )
     device = vector_key("p256-4").public_key()
     spki = device.public_bytes(

@@ -195,3 +195,23 @@ def test_closed_loop_never_has_more_shards_than_devices_in_flight() -> None:
     assert resolve_workers(load_profile("smoke", ["load.concurrency=8"]), 2) == 2
     open_loop = load_profile("smoke", ["load.mode='open'", "load.concurrency=1"])
     assert resolve_workers(open_loop, 2) == 2
+
+
+@pytest.mark.server
+def test_softhsm_signed_certificates_verify(tmp_path: Path) -> None:
+    """ca.signing = softhsm: the shards sign in a SoftHSM2 token made for the run, and the
+    certificates verify against the chain with openssl."""
+    require_tool("softhsm2-util")
+    openssl = require_tool("openssl")
+    profile = load_profile("smoke", ["load.devices=40", "ca.signing='softhsm'"])
+    output = execute(profile, 2, RunOptions(2, tmp_path, 10), None)
+    assert sum(shard.outcomes.get("issued", 0) for shard in output.shards) == 40
+    written = write_artifacts(tmp_path, output.material, output.shards)
+    certificates = sorted(str(p) for p in (tmp_path / "certs").glob("*.pem"))
+    assert written == len(certificates) == 10
+    verified = subprocess.run(
+        [openssl, "verify", "-CAfile", str(tmp_path / "root.pem"), "-untrusted",
+         str(tmp_path / "chain.pem"), *certificates],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stdout + verified.stderr
