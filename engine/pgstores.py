@@ -110,6 +110,8 @@ class PgDatabase:
 
     async def _get_pool(self) -> asyncpg.Pool:
         loop = asyncio.get_running_loop()
+        if self._pool is not None and self._loop is loop:  # the common case: no lock
+            return self._pool
         if self._loop is not loop:  # a pool belongs to the loop that made it
             self._discard()
             self._loop, self._creating = loop, asyncio.Lock()
