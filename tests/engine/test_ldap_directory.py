@@ -189,10 +189,11 @@ def test_lookup_of_an_unknown_user(slapd: Slapd) -> None:
 HOSTILE = ["*", "*)(uid=*", "user0000001)(mail=*", "user*", "a\\b", "\\2a", "a\x00b", "(", ""]
 
 
+@pytest.mark.parametrize("per_enrollment", [True, False])
 @pytest.mark.parametrize("user_id", HOSTILE)
-def test_hostile_user_ids_match_nothing(slapd: Slapd, user_id: str) -> None:
+def test_hostile_user_ids_match_nothing(slapd: Slapd, user_id: str, per_enrollment: bool) -> None:
     """Filter and DN metacharacters are escaped: unknown user, never another user's entry."""
-    target = directory(slapd)
+    target = directory(slapd, bind_per_enrollment=per_enrollment)
     with pytest.raises(UnknownUserError):
         run(target.lookup_user(user_id))
     with pytest.raises(AuthenticationError):
