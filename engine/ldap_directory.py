@@ -1,14 +1,22 @@
 """The directory and the messaging directory on an LDAP server (OpenLDAP slapd), via python-ldap.
 
-Client choice, measured on loopback against slapd 2.5 (2 cores; bench/microbench/ldap.py):
-python-ldap (libldap, C) spent ~30 µs of client CPU per search or bind, bonsai ~58 µs per search
-over 8 connections and ~240 µs per bind (bonsai cannot rebind: a bind is a new connection), and
-ldap3 (pure Python) ~880 µs per search. python-ldap's `*_s` calls block, and DESIGN.md forbids
-threads beside the loop, so this module uses its asynchronous half instead: an operation is
-sent (`search_ext`, `simple_bind`, ... return a message ID at once), the loop watches the
-connection's socket (`add_reader`), and `result3(msgid, all=1, timeout=0)` collects the answer
-without blocking. One operation is in flight per connection, so a readable socket always belongs
-to the operation waiting on it.
+Client choice, measured on loopback against slapd 2.5 on this 2-core machine
+(`python -m bench.microbench.ldap --operations`, then the whole enrollment's LDAP work with the
+default sides; machine shared, so medians with their range): client CPU per search by uid,
+python-ldap ~38-55 µs (blocking), bonsai ~79-103 µs (asyncio, 8 connections), ldap3 ~460-540 µs
+(pure Python, schema fetch off); per bind, python-ldap ~31-45 µs as a rebind and ~70-112 µs with
+its own connection, bonsai ~240-340 µs (it cannot rebind: each bind is a new client and
+connection), ldap3 ~400-440 µs. Per enrollment (bind, search, replace, read; 8 in flight):
+this module ~258-372 µs of client CPU with pooled binds and ~437-528 µs with a connection per
+bind, bonsai ~675-772 µs, ldap3 ~2,800-2,950 µs; slapd's own CPU beside it ~275-490 µs.
+python-ldap's `*_s` calls block, and DESIGN.md forbids threads beside the loop, so this module
+uses its asynchronous half instead: an operation is sent (`search_ext`, `simple_bind`, ...
+return a message ID at once), the loop watches the connection's socket (`add_reader`), and
+`result3(msgid, all=1, timeout=0)` collects the answer without blocking. One operation is in
+flight per connection, so a readable socket always belongs to the operation waiting on it. The
+TCP connect itself happens inside libldap when a connection sends its first operation: instant
+on loopback (or refused), but against an unreachable remote host it can hold the loop for up to
+`timeout` seconds (OPT_NETWORK_TIMEOUT).
 
 Steps: 2 = a simple bind as `uid=<user ID>,<people>` (a new connection per enrollment by default,
 as devices cause; or a pool of rebinding connections); 3-4 = a search by `uid` (RFC 4515 escaped)
