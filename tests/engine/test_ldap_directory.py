@@ -268,7 +268,7 @@ def test_a_stopped_server_gives_typed_errors_then_calls_succeed_after_restart(
     server.start()
     try:
         for per_enrollment in (True, False):
-            target = directory(server, timeout=2.0, bind_per_enrollment=per_enrollment)
+            target = directory(server, bind_per_enrollment=per_enrollment)
             enrollee = USERS[0]
             run(target.lookup_user(enrollee.user.user_id))
             run(target.authenticate(enrollee.user.user_id, enrollee.password))
@@ -290,8 +290,7 @@ def test_a_stopped_server_gives_typed_errors_then_calls_succeed_after_restart(
 
 def test_a_stalled_server_times_out(slapd: Slapd) -> None:
     """slapd frozen (SIGSTOP): calls end in DirectoryUnavailableError after the timeout."""
-    target = directory(slapd, timeout=0.5)
-    run(target.lookup_user(USERS[0].user.user_id))
+    target = directory(slapd, timeout=0.5)  # only the frozen calls (a loaded CI box is slow)
     assert slapd.pid is not None
     os.kill(slapd.pid, signal.SIGSTOP)
     try:
@@ -301,5 +300,7 @@ def test_a_stalled_server_times_out(slapd: Slapd) -> None:
             run(target.authenticate(USERS[1].user.user_id, USERS[1].password))
     finally:
         os.kill(slapd.pid, signal.SIGCONT)
-    assert run(target.lookup_user(USERS[1].user.user_id)) == USERS[1].user
     target.close()
+    thawed = directory(slapd)
+    assert run(thawed.lookup_user(USERS[1].user.user_id)) == USERS[1].user
+    thawed.close()
