@@ -52,9 +52,11 @@ def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
     server = Slapd(SlapdConfig(tmp_path_factory.mktemp("slapd"), ADMIN_PASSWORD))
     server.configure(USERS)
     server.start()
-    _add_odd_entries(server.url)
-    yield server
-    server.stop()
+    try:  # a failing setup must not leave slapd running
+        _add_odd_entries(server.url)
+        yield server
+    finally:
+        server.stop()
 
 
 def _add_odd_entries(url: str) -> None:

@@ -122,16 +122,16 @@ def test_admin_reads_and_users_cannot_read_others(tmp_path: Path) -> None:
 def test_stop_ends_the_process_and_start_serves_again(tmp_path: Path) -> None:
     """stop() ends our slapd by pid; start() on the same port serves the same data."""
     server = _started(tmp_path)
-    pid = server.pid
-    assert pid is not None
-    assert server.cpu_seconds() >= 0
-    server.stop()
-    assert server.pid is None
-    assert not Path(f"/proc/{pid}").exists()  # ended and reaped
-    with pytest.raises(ldap.SERVER_DOWN):
-        _bind(server.url, ADMIN_DN, ADMIN_PASSWORD)
-    server.start()
     try:
+        pid = server.pid
+        assert pid is not None
+        assert server.cpu_seconds() >= 0
+        server.stop()
+        assert server.pid is None
+        assert not Path(f"/proc/{pid}").exists()  # ended and reaped
+        with pytest.raises(ldap.SERVER_DOWN):
+            _bind(server.url, ADMIN_DN, ADMIN_PASSWORD)
+        server.start()
         _bind(server.url, f"uid={USERS[1].user.user_id},{PEOPLE}", USERS[1].password)
     finally:
         server.stop()
