@@ -28,7 +28,8 @@ from engine.pgstores import (
     PgServiceStore,
 )
 from engine.population import directory_entry, simulated_enrollee
-from engine.service import Publication, SharedCAService, seed_users
+from engine.service import Publication, ServiceStore, SharedCAService, seed_users
+from engine.stores import ConfigurationDatabase, IssuedStore
 from engine.system import EngineConfig
 from engine.wire.seam import TicketStatus
 from tests.conftest import SEED, ca_material, require_tool
@@ -81,7 +82,7 @@ def _serial() -> int:
 def test_configuration_database_round_trip(server: postgres.PostgresServer) -> None:
     """A stored key reads back; storing again replaces it; an unknown device has none."""
     database = PgDatabase(server.dsn)
-    store = PgConfigurationDatabase(database)
+    store: ConfigurationDatabase = PgConfigurationDatabase(database)  # the engine's interface
 
     async def work() -> tuple[bytes | None, bytes | None]:
         await store.store_key("device-1", b"first")
@@ -124,10 +125,11 @@ def test_issued_store_round_trip_and_duplicate(server: postgres.PostgresServer) 
     """A recorded certificate is retrieved; its serial again is DuplicateSerialError."""
     database = PgDatabase(server.dsn)
     store = PgIssuedStore(database)
+    recorder: IssuedStore = store  # the engine's interface
     serial = _serial()
 
     async def work() -> bytes:
-        await store.record(serial, "CN=o'brien\\,x", b"certificate")
+        await recorder.record(serial, "CN=o'brien\\,x", b"certificate")
         with pytest.raises(DuplicateSerialError) as refused:
             await store.record(serial, "CN=someone else", b"other")
         assert refused.value.serial == serial
@@ -142,7 +144,7 @@ def test_group_commit_outcomes(server: postgres.PostgresServer) -> None:
     """One batch: a new serial is written, a taken one and a repeat in the batch are
     DuplicateSerialError, and closing an unknown transaction writes nothing (False)."""
     database = PgDatabase(server.dsn)
-    store = PgServiceStore(database)
+    store: ServiceStore = PgServiceStore(database)  # the engine's interface
     issued = PgIssuedStore(database)
     taken, fresh, orphan = _serial(), _serial(), _serial()
 
