@@ -311,6 +311,10 @@ class LdapDirectory:
         if len(found) > 1:
             raise DirectoryEntryError(user_id, "several entries carry this uid")
         entry, attributes = found[0]
+        # uid matches ignoring case and surrounding or repeated spaces (caseIgnoreMatch, RFC 4518
+        # string preparation); the engine's user IDs are exact, as in the SQLite directory.
+        if user_id.encode() not in attributes.get("uid", ()):
+            raise UnknownUserError(user_id)
         s = self.settings
         try:
             dn = _parse_dn(_single(entry, attributes, s.dn_attribute))
@@ -323,7 +327,7 @@ class LdapDirectory:
 
     async def _search_people(self, query: str) -> list[tuple[str, dict[str, list[bytes]]]]:
         s = self.settings
-        wanted = [s.dn_attribute, s.mail_attribute, s.upn_attribute]
+        wanted = ["uid", s.dn_attribute, s.mail_attribute, s.upn_attribute]
         try:
             result = await self._run(
                 self._admin,

@@ -14,6 +14,8 @@ import ldap  # type: ignore[import-untyped]
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bench.services.slapd import ADMIN_DN, PEOPLE, Slapd, SlapdConfig
 from engine.errors import AuthenticationError, CertificateNotFoundError, UnknownUserError
@@ -188,7 +190,18 @@ def test_lookup_of_an_unknown_user(slapd: Slapd) -> None:
         run(directory(slapd).lookup_user("user9999999"))
 
 
-HOSTILE = ["*", "*)(uid=*", "user0000001)(mail=*", "user*", "a\\b", "\\2a", "a\x00b", "(", ""]
+HOSTILE = [
+    "user 0000001",
+    "*",
+    "*)(uid=*",
+    "user0000001)(mail=*",
+    "user*",
+    "a\\b",
+    "\\2a",
+    "a\x00b",
+    "(",
+    "",
+]
 
 
 @pytest.mark.parametrize("per_enrollment", [True, False])
@@ -200,6 +213,42 @@ def test_hostile_user_ids_match_nothing(slapd: Slapd, user_id: str, per_enrollme
         run(target.lookup_user(user_id))
     with pytest.raises(AuthenticationError):
         run(target.authenticate(user_id, USERS[1].password))
+    target.close()
+
+
+METACHARACTERS = st.sampled_from(["*", "(", ")", "\\", "\x00", ",", "+", "=", "#", " ", "u"])
+
+
+@settings(
+    max_examples=150,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(user_id=st.lists(METACHARACTERS | st.characters(), max_size=24).map("".join))
+def test_generated_user_ids_find_no_entry_but_their_own(slapd: Slapd, user_id: str) -> None:
+    """Any text as a user ID: the entry whose uid it is exactly, or unknown user; nothing else."""
+    known = {e.user.user_id: e.user for e in USERS}
+    target = directory(slapd)
+    try:
+        found = run(target.lookup_user(user_id))
+    except UnknownUserError:
+        found = None
+    finally:
+        target.close()
+    assert found is None or found == known[user_id]
+
+
+@pytest.mark.parametrize("user_id", ["USER0000001", " user0000001", "user0000001 "])
+def test_variants_of_a_user_id_are_unknown_to_lookup(slapd: Slapd, user_id: str) -> None:
+    """slapd matches uid ignoring case and outer spaces; lookup_user is exact (as SQLite is),
+    so a variant is an unknown user. The bind, LDAP's own, reaches the same entry only."""
+    target = directory(slapd)
+    with pytest.raises(UnknownUserError):
+        run(target.lookup_user(user_id))
+    run(target.authenticate(user_id, USERS[1].password))
+    with pytest.raises(AuthenticationError):
+        run(target.authenticate(user_id, USERS[2].password))
     target.close()
 
 
