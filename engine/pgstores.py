@@ -104,6 +104,16 @@ class PgDatabase:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._creating: asyncio.Lock | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for another process (a shard plan): the settings, not the pool or lock."""
+        return {"dsn": self._dsn, "sizes": self._sizes, "timeout": self.timeout}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        min_size, max_size = state["sizes"]
+        self.__init__(  # type: ignore[misc]
+            state["dsn"], max_size=max_size, timeout=state["timeout"], min_size=min_size
+        )
+
     def _where(self) -> str:
         """The server without its credentials (for messages: no secrets in logs)."""
         return self._dsn.rpartition("@")[2]

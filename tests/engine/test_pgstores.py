@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -105,6 +106,15 @@ def test_hostile_device_ids_are_data(server: postgres.PostgresServer, device_id:
         return await store.stored_key(device_id)
 
     assert _run(database, work) == spki
+
+
+def test_a_pickled_database_connects_afresh(server: postgres.PostgresServer) -> None:
+    """A database pickled after use (for another process) carries its settings, not its pool."""
+    database = PgDatabase(server.dsn, max_size=3, timeout=4.0)
+    _run(database, lambda: PgConfigurationDatabase(database).store_key("pickled", b"k"))
+    copy = pickle.loads(pickle.dumps(database))
+    assert copy.timeout == 4.0
+    assert _run(copy, lambda: PgConfigurationDatabase(copy).stored_key("pickled")) == b"k"
 
 
 def test_a_nul_in_an_id_is_refused_cleanly(server: postgres.PostgresServer) -> None:
