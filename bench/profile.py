@@ -116,6 +116,16 @@ def _target_url(value: Any) -> bool:
     return scheme in TARGET_SCHEMES and bool(rest.split("/", 1)[0])
 
 
+def _ldap_url(value: Any) -> bool:
+    return isinstance(value, str) and (value == "" or value.startswith(("ldap://", "ldaps://")))
+
+
+def _postgresql_url(value: Any) -> bool:
+    return isinstance(value, str) and (
+        value == "" or (value.startswith("postgresql://") and ":" not in value[13:].split("@")[0])
+    )
+
+
 def _env_name(value: Any) -> bool:
     return isinstance(value, str) and (value == "" or value.replace("_", "A").isalnum())
 
@@ -378,6 +388,38 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         ),
         "ca_file": Rule(
             "", "a path, or empty", _path_text, "https targets: the CA certificates to trust"
+        ),
+    },
+    "components": {
+        "directory": Rule(
+            "sqlite",
+            "sqlite, ldap",
+            _choice("sqlite", "ldap"),
+            "the directory and messaging directory: embedded SQLite, or OpenLDAP",
+        ),
+        "ldap_url": Rule(
+            "",
+            "empty (a slapd started for the run) or ldap://HOST:PORT/",
+            _ldap_url,
+            "an existing directory (users under ou=people,dc=example,dc=com)",
+        ),
+        "ldap_password_env": Rule(
+            "", "an environment variable name, or empty", _env_name, "its admin's password"
+        ),
+        "database": Rule(
+            "sqlite",
+            "sqlite, postgresql",
+            _choice("sqlite", "postgresql"),
+            "the configuration database and the CA's issued certificates: SQLite or PostgreSQL",
+        ),
+        "postgresql_url": Rule(
+            "",
+            "empty (a PostgreSQL started for the run) or postgresql://USER@HOST:PORT/DB",
+            _postgresql_url,
+            "an existing database (the password from postgresql_password_env)",
+        ),
+        "postgresql_password_env": Rule(
+            "", "an environment variable name, or empty", _env_name, "its password"
         ),
     },
     "storage": {

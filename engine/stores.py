@@ -118,6 +118,40 @@ class Directory(Protocol):
     async def retrieve(self, dn: str, serial: int) -> bytes: ...
 
 
+class IssuedStore(Protocol):
+    """The CA's record of what it issued: one serial once (RFC 5280 4.1.2.2)."""
+
+    async def record(self, serial: int, dn: str, certificate: bytes) -> None:
+        """DuplicateSerialError when the serial is already recorded."""
+
+
+class UserDirectory(MessagingDirectory, Directory, Protocol):
+    """One directory serving both: users and their DNs, binds, published certificates."""
+
+
+class RecordingDirectory:
+    """A directory whose publications are first recorded in the CA's issued store (which
+    refuses a serial it holds), for a directory that does not keep serials unique itself
+    (LDAP replaces the user's certificate)."""
+
+    def __init__(self, directory: UserDirectory, issued: IssuedStore) -> None:
+        self._directory = directory
+        self._issued = issued
+
+    async def lookup_user(self, user_id: str) -> User:
+        return await self._directory.lookup_user(user_id)
+
+    async def authenticate(self, user_id: str, password: str) -> None:
+        await self._directory.authenticate(user_id, password)
+
+    async def publish(self, dn: str, serial: int, certificate: bytes) -> None:
+        await self._issued.record(serial, dn, certificate)
+        await self._directory.publish(dn, serial, certificate)
+
+    async def retrieve(self, dn: str, serial: int) -> bytes:
+        return await self._directory.retrieve(dn, serial)
+
+
 class ConfigurationDatabase(Protocol):
     """The enterprise server's store of device public keys (steps 7 and 13)."""
 

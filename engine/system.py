@@ -37,10 +37,14 @@ from engine.keys import (
 )
 from engine.request import RequestTemplate
 from engine.stores import (
+    ConfigurationDatabase,
     Database,
+    IssuedStore,
+    RecordingDirectory,
     SqliteConfigurationDatabase,
     SqliteDeviceStores,
     SqliteDirectory,
+    UserDirectory,
 )
 
 _NO_DELAY = Distribution("fixed", mean=0.0)
@@ -102,6 +106,9 @@ class EnrollmentSystem:
     """One engine replica: directory, configuration database, CA, connection service, server.
 
     `ca_signer`: the issuing CA's key where it is not in memory (a PKCS #11 token).
+    `directory`, `configuration`, `issued`: real servers in place of the embedded SQLite ones
+    (an LDAP directory already holding the users; PostgreSQL for the device keys and the CA's
+    issued certificates, which then keeps serials unique before the directory publishes).
     `review_board`: the administrators of the whole run when several replicas (processes) share
     one pool: a `ReviewBoard.shared(config.approval.administrators)` made by the parent, or a
     pickled handle on it. None gives this replica a private pool of its own. The replica never
@@ -119,14 +126,26 @@ class EnrollmentSystem:
         *,
         review_board: ReviewBoard | None = None,
         ca_signer: CaSigner | None = None,
+        directory: UserDirectory | None = None,
+        configuration: ConfigurationDatabase | None = None,
+        issued: IssuedStore | None = None,
     ) -> None:
         self.config = config
         rng = random.Random(config.seed)
         approvals = _administrators(config.approval, review_board, rng, monotonic)
         self.database = Database(config.database)
-        self.directory = SqliteDirectory(self.database)
-        self.directory.seed(users)
-        self.configuration = SqliteConfigurationDatabase(self.database)
+        if directory is None:  # the embedded directory: SQLite, seeded with the users
+            sqlite_directory = SqliteDirectory(self.database)
+            sqlite_directory.seed(users)
+            directory = sqlite_directory
+        if issued is not None:
+            directory = RecordingDirectory(directory, issued)
+        self.directory: UserDirectory = directory
+        self.configuration: ConfigurationDatabase = (
+            configuration
+            if configuration is not None
+            else SqliteConfigurationDatabase(self.database)
+        )
         self.device_stores = SqliteDeviceStores(self.database)
         spec = key_spec(config.device_key)
         self.authority = CertificationAuthority(

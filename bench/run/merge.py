@@ -180,6 +180,11 @@ def build_result(profile: Profile, workers: int, output: RunOutput) -> dict[str,
         "manifest": {
             **manifest(profile, workers, profile.get("", "seed"), output.started_at),
             "target": _target_block(output),
+            "components": {
+                "directory": "sqlite",
+                "database": "sqlite",
+                **(output.components or {}),
+            },
         },
         "timing": {**{k: round(v, 3) for k, v in timings.items()}, "window_s": round(window, 3)},
         "outcomes": block,

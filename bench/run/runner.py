@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from bench.errors import BenchError
 from bench.histogram import Histogram
 from bench.profile import Profile
+from bench.run.components import Components, components_for
 from bench.run.corpus import CorpusSpec, build_corpus, load_keys
 from bench.run.shard import HsmKey, ShardPlan, ShardResult, shard_main
 from bench.run.targets import (
@@ -71,6 +72,7 @@ class RunOutput:
     started_at: str  # UTC, ISO 8601: when the measured run began
     target: dict[str, Any] | None = None  # the wire target as recorded (None: embedded)
     server_steps: dict[str, Histogram] | None = None  # a served CA's own per-step times
+    components: dict[str, str] | None = None  # the real parts the run used, and where
 
 
 ProgressSink = Callable[[dict[int, dict[str, int]]], None]
@@ -144,6 +146,7 @@ def _plans(
     board: ReviewBoard | None,
     target: WireTarget | None,
     hsm: HsmKey | None = None,
+    components: Components | None = None,
 ) -> list[ShardPlan]:
     devices = int(profile.get("load", "devices"))
     sample = options.artifacts_sample if options.artifacts else 0
@@ -164,9 +167,24 @@ def _plans(
                 review_board=board,
                 target=target,
                 hsm=hsm,
+                components=components or Components(),
             )
         )
     return plans
+
+
+def _parts(
+    stack: contextlib.ExitStack, profile: Profile, material: CAMaterial, target: WireTarget | None
+) -> tuple[Components, HsmKey | None]:
+    """The real components and the HSM an embedded run asks for, stopped with `stack`."""
+    if target is not None:
+        return Components(), None
+    parts = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="enrollbench-parts-")))
+    components = stack.enter_context(components_for(profile, parts))
+    hsm = None
+    if profile.get("ca", "signing") == "softhsm":
+        hsm = embedded_hsm(parts / "softhsm", material)
+    return components, hsm
 
 
 def embedded_hsm(folder: Path, material: CAMaterial) -> HsmKey:
@@ -328,10 +346,7 @@ def execute(
             target = served.start()
         if target is not None:
             probe(target)
-        hsm = None
-        if target is None and profile.get("ca", "signing") == "softhsm":
-            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="enrollbench-hsm-"))
-            hsm = embedded_hsm(Path(folder), material)
+        components, hsm = _parts(stack, profile, material, target)
         # One pool of administrators for the whole run, whatever the number of shards (a
         # wire target has its own).
         board = None
@@ -339,7 +354,7 @@ def execute(
             board = stack.enter_context(
                 ReviewBoard.shared(profile.get("approval", "administrators"))
             )
-        plans = _plans(profile, workers, material, corpus, options, board, target, hsm)
+        plans = _plans(profile, workers, material, corpus, options, board, target, hsm, components)
         fleet = _Fleet(plans, options.use_uvloop, shard_entry)
         try:
             fleet.wait_ready()
@@ -374,6 +389,10 @@ def execute(
         started_at,
         recorded,
         server_steps,
+        {
+            **components.describe(),
+            "ca_key": "softhsm (PKCS #11)" if hsm is not None else "memory",
+        },
     )
 
 

@@ -29,6 +29,7 @@ import numpy.typing as npt
 from bench.histogram import Histogram
 from bench.microbench.workloads import run_ready
 from bench.profile import Profile
+from bench.run.components import Components
 from bench.run.corpus import CorpusSpec, read_corpus
 from bench.run.pacer import Pacer
 from bench.run.schedule import arrival_offsets, arrivals_until, arrivals_within
@@ -37,6 +38,8 @@ from engine.approval import ReviewBoard
 from engine.device import DeviceIdentity
 from engine.flow import Outcome, Status, Step
 from engine.hsm import HsmSigner
+from engine.ldap_directory import LdapDirectory
+from engine.pgstores import PgConfigurationDatabase, PgDatabase, PgIssuedStore
 from engine.population import device_identity, directory_entry, simulated_enrollee
 from engine.system import CAMaterial, EnrollmentSystem
 
@@ -79,6 +82,7 @@ class ShardPlan:
     review_board: ReviewBoard | None = None  # the run's one pool of administrators
     target: WireTarget | None = None  # None: the embedded engine; else the CA on the wire
     hsm: HsmKey | None = None  # the issuing CA's key in a PKCS #11 token
+    components: Components = dataclasses.field(default_factory=Components)  # real servers
 
 
 @dataclass(slots=True)
@@ -322,12 +326,17 @@ def engine_system(plan: ShardPlan, directory: str) -> tuple[System, list[DeviceI
     signer = None
     if plan.hsm is not None:  # this process's own session on the token
         signer = HsmSigner.open(plan.hsm.module, plan.hsm.uri, plan.hsm.pin, config.hash_name)
+    components = plan.components
+    pg = None if components.postgresql is None else PgDatabase(components.postgresql)
     system = EnrollmentSystem(
         config,
         plan.material,
-        [directory_entry(e, seed, iterations) for e in enrollees],
+        [] if components.ldap else [directory_entry(e, seed, iterations) for e in enrollees],
         review_board=plan.review_board,
         ca_signer=signer,
+        directory=None if components.ldap is None else LdapDirectory(components.ldap),
+        configuration=None if pg is None else PgConfigurationDatabase(pg),
+        issued=None if pg is None else PgIssuedStore(pg),
     )
     corpus = None if plan.corpus is None else read_corpus(plan.corpus, plan.device_indices)
     identities = [

@@ -1,0 +1,130 @@
+"""The real parts a profile asks for in place of the embedded SQLite ones (issue 9): an OpenLDAP
+directory and a PostgreSQL database, either existing ones named by URL (secrets from environment
+variables) or started for the run on loopback and stopped after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.errors import UsageError
+from bench.profile import Profile
+from engine.errors import EnrollmentError
+from engine.ldap_directory import LdapDirectory, LdapSettings
+from engine.pgstores import PgDatabase
+from engine.population import simulated_enrollee
+
+ADMIN_DN = "cn=admin,dc=example,dc=com"
+
+
+@dataclass(frozen=True, slots=True)
+class Components:
+    """What a shard connects to (secrets inside reach it only through its plan's pipe)."""
+
+    ldap: LdapSettings | None = None
+    postgresql: str | None = field(default=None, repr=False)  # a DSN with its password
+
+    def describe(self) -> dict[str, str]:
+        """What a result records: kinds and where, never credentials."""
+        found = {}
+        if self.ldap is not None:
+            found["directory"] = f"ldap {self.ldap.url}"
+        if self.postgresql is not None:
+            found["database"] = f"postgresql {self.postgresql.rpartition('@')[2]}"
+        return found
+
+
+def _secret(name: str, what: str) -> str:
+    value = os.environ.get(name) if name else None
+    if not value:
+        raise UsageError(
+            f"{what}: set its password in an environment variable named by the profile"
+        )
+    return value
+
+
+@contextmanager
+def components_for(profile: Profile, folder: Path) -> Iterator[Components]:
+    """Start (or reach) the profile's components; stop the ones started here afterwards."""
+    with ExitStack() as stack:
+        ldap = None
+        if profile.get("components", "directory") == "ldap":
+            ldap = stack.enter_context(_ldap(profile, folder / "slapd"))
+        postgresql = None
+        if profile.get("components", "database") == "postgresql":
+            postgresql = stack.enter_context(_postgresql(profile))
+        components = Components(ldap, postgresql)
+        _probe(components)
+        yield components
+
+
+@contextmanager
+def _ldap(profile: Profile, folder: Path) -> Iterator[LdapSettings]:
+    url = str(profile.get("components", "ldap_url"))
+    if url:
+        password = _secret(profile.get("components", "ldap_password_env"), f"directory {url}")
+        yield LdapSettings(url, ADMIN_DN, password)
+        return
+    from bench.services.slapd import Slapd, SlapdConfig  # noqa: PLC0415 (LDAP runs only)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_hex(16)
+    slapd = Slapd(SlapdConfig(folder, password))
+    seed = profile.get("", "seed")
+    devices = int(profile.get("load", "devices"))
+    slapd.configure(simulated_enrollee(i, seed) for i in range(devices))
+    slapd.start()
+    try:
+        yield LdapSettings(slapd.url, ADMIN_DN, password)
+    finally:
+        slapd.stop()
+
+
+@contextmanager
+def _postgresql(profile: Profile) -> Iterator[str]:
+    url = str(profile.get("components", "postgresql_url"))
+    if url:
+        password = _secret(profile.get("components", "postgresql_password_env"), f"database {url}")
+        user, _, rest = url.removeprefix("postgresql://").partition("@")
+        yield f"postgresql://{user}:{password}@{rest}"
+        return
+    from bench.services.postgres import start_postgres  # noqa: PLC0415 (PostgreSQL runs only)
+
+    # in the system's temporary folder: the cluster's unprivileged user must reach its folder
+    server = start_postgres()
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
+
+
+def _probe(components: Components) -> None:
+    """A component down at start is one line naming it, not a run of failed devices."""
+
+    async def ask() -> None:
+        if components.postgresql is not None:
+            database = PgDatabase(components.postgresql)
+            try:
+                await database.run(lambda connection: connection.fetchval("SELECT 1"))
+            finally:
+                await database.close()
+        if components.ldap is not None:
+            directory = LdapDirectory(components.ldap)
+            try:
+                await directory.authenticate("enrollbench-probe", secrets.token_hex(8))
+            except EnrollmentError as exc:
+                if exc.reason != "wrong-credentials":
+                    raise
+            finally:
+                directory.close()
+
+    try:
+        asyncio.run(ask())
+    except EnrollmentError as exc:
+        raise UsageError(f"{', '.join(components.describe().values())}: {exc}") from exc
