@@ -12,13 +12,15 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bench.errors import UsageError
 from bench.profile import Profile
 from engine.errors import EnrollmentError
-from engine.ldap_directory import LdapDirectory, LdapSettings
-from engine.pgstores import PgDatabase
 from engine.population import simulated_enrollee
+
+if TYPE_CHECKING:
+    from engine.ldap_directory import LdapSettings
 
 ADMIN_DN = "cn=admin,dc=example,dc=com"
 
@@ -29,6 +31,26 @@ class Components:
 
     ldap: LdapSettings | None = None
     postgresql: str | None = field(default=None, repr=False)  # a DSN with its password
+
+    def stores(self) -> dict[str, Any]:
+        """The engine's stores on these servers (EnrollmentSystem's keyword arguments); the
+        drivers are imported only by runs that use them (an extra: enrollbench[components])."""
+        stores: dict[str, Any] = {}
+        if self.ldap is not None:
+            from engine.ldap_directory import LdapDirectory  # noqa: PLC0415
+
+            stores["directory"] = LdapDirectory(self.ldap)
+        if self.postgresql is not None:
+            from engine.pgstores import (  # noqa: PLC0415
+                PgConfigurationDatabase,
+                PgDatabase,
+                PgIssuedStore,
+            )
+
+            database = PgDatabase(self.postgresql)
+            stores["configuration"] = PgConfigurationDatabase(database)
+            stores["issued"] = PgIssuedStore(database)
+        return stores
 
     def describe(self) -> dict[str, str]:
         """What a result records: kinds and where, never credentials."""
@@ -66,12 +88,14 @@ def components_for(profile: Profile, folder: Path) -> Iterator[Components]:
 
 @contextmanager
 def _ldap(profile: Profile, folder: Path) -> Iterator[LdapSettings]:
+    from engine.ldap_directory import LdapSettings  # noqa: PLC0415 (LDAP runs only)
+
     url = str(profile.get("components", "ldap_url"))
     if url:
         password = _secret(profile.get("components", "ldap_password_env"), f"directory {url}")
         yield LdapSettings(url, ADMIN_DN, password)
         return
-    from bench.services.slapd import Slapd, SlapdConfig  # noqa: PLC0415 (LDAP runs only)
+    from bench.services.slapd import Slapd, SlapdConfig  # noqa: PLC0415
 
     folder.mkdir(parents=True, exist_ok=True)
     password = secrets.token_hex(16)
@@ -107,15 +131,19 @@ def _postgresql(profile: Profile) -> Iterator[str]:
 def _probe(components: Components) -> None:
     """A component down at start is one line naming it, not a run of failed devices."""
 
+    stores = components.stores()
+
     async def ask() -> None:
         if components.postgresql is not None:
+            from engine.pgstores import PgDatabase  # noqa: PLC0415 (PostgreSQL runs only)
+
             database = PgDatabase(components.postgresql)
             try:
                 await database.run(lambda connection: connection.fetchval("SELECT 1"))
             finally:
                 await database.close()
         if components.ldap is not None:
-            directory = LdapDirectory(components.ldap)
+            directory = stores["directory"]
             try:
                 await directory.authenticate("enrollbench-probe", secrets.token_hex(8))
             except EnrollmentError as exc:

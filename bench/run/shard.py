@@ -38,8 +38,6 @@ from engine.approval import ReviewBoard
 from engine.device import DeviceIdentity
 from engine.flow import Outcome, Status, Step
 from engine.hsm import HsmSigner
-from engine.ldap_directory import LdapDirectory
-from engine.pgstores import PgConfigurationDatabase, PgDatabase, PgIssuedStore
 from engine.population import device_identity, directory_entry, simulated_enrollee
 from engine.system import CAMaterial, EnrollmentSystem
 
@@ -327,16 +325,13 @@ def engine_system(plan: ShardPlan, directory: str) -> tuple[System, list[DeviceI
     if plan.hsm is not None:  # this process's own session on the token
         signer = HsmSigner.open(plan.hsm.module, plan.hsm.uri, plan.hsm.pin, config.hash_name)
     components = plan.components
-    pg = None if components.postgresql is None else PgDatabase(components.postgresql)
     system = EnrollmentSystem(
         config,
         plan.material,
         [] if components.ldap else [directory_entry(e, seed, iterations) for e in enrollees],
         review_board=plan.review_board,
         ca_signer=signer,
-        directory=None if components.ldap is None else LdapDirectory(components.ldap),
-        configuration=None if pg is None else PgConfigurationDatabase(pg),
-        issued=None if pg is None else PgIssuedStore(pg),
+        **components.stores(),
     )
     corpus = None if plan.corpus is None else read_corpus(plan.corpus, plan.device_indices)
     identities = [
