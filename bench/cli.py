@@ -32,6 +32,7 @@ from bench.run.merge import build_result
 from bench.run.progress import LiveProgress, print_summary
 from bench.run.runner import RunOptions, execute, resolve_workers, write_artifacts
 from bench.serve import command as serve_command
+from bench.services import command as services_command
 from bench.suite import load_suite
 
 
@@ -304,6 +305,12 @@ def _parser() -> argparse.ArgumentParser:
     serve_command.add_arguments(
         commands.add_parser("serve", help="run the CA as a service: EST (TLS) and SCEP")
     )
+    services_command.add_arguments(
+        commands.add_parser(
+            "services",
+            help="OpenLDAP, PostgreSQL and a SoftHSM2 token on loopback: up, status, down",
+        )
+    )
     serve_command.add_approve_arguments(
         commands.add_parser("approve", help="list, approve or deny a served CA's pending requests")
     )
@@ -337,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export": export.command,
         "serve": serve_command.command,
         "approve": serve_command.approve_command,
+        "services": services_command.command,
     }
     try:
         code: int = handlers[args.command](args)
