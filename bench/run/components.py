@@ -31,6 +31,7 @@ class Components:
 
     ldap: LdapSettings | None = None
     postgresql: str | None = field(default=None, repr=False)  # a DSN with its password
+    servers: tuple[tuple[str, int], ...] = ()  # (name, pid) of each server started for the run
 
     def stores(self) -> dict[str, Any]:
         """The engine's stores on these servers (EnrollmentSystem's keyword arguments); the
@@ -75,19 +76,20 @@ def _secret(name: str, what: str) -> str:
 def components_for(profile: Profile, folder: Path) -> Iterator[Components]:
     """Start (or reach) the profile's components; stop the ones started here afterwards."""
     with ExitStack() as stack:
+        servers: list[tuple[str, int]] = []
         ldap = None
         if profile.get("components", "directory") == "ldap":
-            ldap = stack.enter_context(_ldap(profile, folder / "slapd"))
+            ldap = stack.enter_context(_ldap(profile, folder / "slapd", servers))
         postgresql = None
         if profile.get("components", "database") == "postgresql":
-            postgresql = stack.enter_context(_postgresql(profile))
-        components = Components(ldap, postgresql)
+            postgresql = stack.enter_context(_postgresql(profile, servers))
+        components = Components(ldap, postgresql, tuple(servers))
         _probe(components)
         yield components
 
 
 @contextmanager
-def _ldap(profile: Profile, folder: Path) -> Iterator[LdapSettings]:
+def _ldap(profile: Profile, folder: Path, servers: list[tuple[str, int]]) -> Iterator[LdapSettings]:
     from engine.ldap_directory import LdapSettings  # noqa: PLC0415 (LDAP runs only)
 
     url = str(profile.get("components", "ldap_url"))
@@ -104,6 +106,8 @@ def _ldap(profile: Profile, folder: Path) -> Iterator[LdapSettings]:
     devices = int(profile.get("load", "devices"))
     slapd.configure(simulated_enrollee(i, seed) for i in range(devices))
     slapd.start()
+    if slapd.pid is not None:
+        servers.append(("slapd", slapd.pid))
     try:
         yield LdapSettings(slapd.url, ADMIN_DN, password)
     finally:
@@ -111,7 +115,7 @@ def _ldap(profile: Profile, folder: Path) -> Iterator[LdapSettings]:
 
 
 @contextmanager
-def _postgresql(profile: Profile) -> Iterator[str]:
+def _postgresql(profile: Profile, servers: list[tuple[str, int]]) -> Iterator[str]:
     url = str(profile.get("components", "postgresql_url"))
     if url:
         password = _secret(profile.get("components", "postgresql_password_env"), f"database {url}")
@@ -122,10 +126,34 @@ def _postgresql(profile: Profile) -> Iterator[str]:
 
     # in the system's temporary folder: the cluster's unprivileged user must reach its folder
     server = start_postgres()
+    postmaster = server.data / "postmaster.pid"
+    if postmaster.exists():  # its backends are its children
+        servers.append(("postgres", int(postmaster.read_text().split()[0])))
     try:
         yield server.dsn
     finally:
         server.stop()
+
+
+def servers_cpu(components: Components) -> dict[str, float]:
+    """CPU seconds each server started for the run has used so far: its process, the children
+    it has reaped (PostgreSQL's backends of closed connections), and the children alive."""
+    from bench.run.targets import _process_tree, process_cpu  # noqa: PLC0415
+
+    return {
+        name: _reaped_cpu(pid) + sum(process_cpu(p) for p in _process_tree(pid))
+        for name, pid in components.servers
+    }
+
+
+def _reaped_cpu(pid: int) -> float:
+    """cutime + cstime of a process (fields 16 and 17 of /proc/PID/stat), seconds."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
 def _probe(components: Components) -> None:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from bench.errors import BenchError
 from bench.histogram import Histogram
 from bench.profile import Profile
-from bench.run.components import Components, components_for
+from bench.run.components import Components, components_for, servers_cpu
 from bench.run.corpus import CorpusSpec, build_corpus, load_keys
 from bench.run.shard import HsmKey, ShardPlan, ShardResult, shard_main
 from bench.run.targets import (
@@ -362,10 +362,12 @@ def execute(
             start_ns = time.perf_counter_ns() + int(START_DELAY_S * 1e9)
             started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             server_cpu = served.cpu_seconds() if served is not None else 0.0
+            parts_cpu = servers_cpu(components)
             fleet.go(start_ns)
             shards, died, interrupted = fleet.collect(progress)
             if served is not None:
                 server_cpu = served.cpu_seconds() - server_cpu
+            parts_cpu = {k: v - parts_cpu.get(k, 0.0) for k, v in servers_cpu(components).items()}
         finally:
             fleet.stop()
         recorded = None if target is None else target.describe()
@@ -392,6 +394,7 @@ def execute(
         {
             **components.describe(),
             "ca_key": "softhsm (PKCS #11)" if hsm is not None else "memory",
+            **{f"{name}_cpu_s": f"{cpu:.3f}" for name, cpu in parts_cpu.items()},
         },
     )
 
