@@ -38,9 +38,9 @@ from engine.errors import (
 )
 from engine.flow import Step
 from engine.identity import User
-from engine.keys import key_spec
+from engine.keys import CaSigner, key_spec
 from engine.request import SAN_OID_DER, ParsedRequest, parse_request, split_request
-from engine.stores import Database, SqliteDirectory
+from engine.stores import Database, SqliteDirectory, UserDirectory
 from engine.system import CAMaterial, EngineConfig
 from engine.wire.seam import Ticket, TicketStatus
 
@@ -298,7 +298,11 @@ class SharedCAService:
     configuration has approval). `manual`: no simulated administrators; requests wait for
     `decide` (an administrator's call from the admin endpoint or command). `store`: where
     transactions and published certificates live (the caller closes it); by default the SQLite
-    file at `path`, which also holds the users either way.
+    file at `path`, which also holds the users unless `directory` is given. `directory`: the
+    users, binds and publication on a real directory (an LDAP server; the caller closes it):
+    each certificate is published there once the store has committed it (the store keeps
+    serials unique; an LDAP entry's certificate is replaced). `ca_signer`: the issuing CA's key
+    where it is not in memory (a PKCS #11 token, this process's own session).
     """
 
     def __init__(
@@ -313,11 +317,19 @@ class SharedCAService:
         observe: Observe = _ignore,
         wall_clock: Callable[[], float] = time.time,
         store: ServiceStore | None = None,
+        directory: UserDirectory | None = None,
+        ca_signer: CaSigner | None = None,
     ) -> None:
         if config.approval is not None and review_board is None and not manual:
             raise ValueError("an approval policy needs the service's shared review board")
-        self._users = Database(path, durable=True)
-        self.directory = SqliteDirectory(self._users)
+        self._users: Database | None = None
+        # a directory given publishes there after the store's commit; the SQLite one's
+        # published table is the store's, written by the commit itself
+        self._publish_to = directory
+        if directory is None:
+            self._users = Database(path, durable=True)
+            directory = SqliteDirectory(self._users)
+        self.directory: UserDirectory = directory
         self._own_store: SqliteServiceStore | None = None
         if store is None:
             store = self._own_store = SqliteServiceStore(path)
@@ -331,6 +343,7 @@ class SharedCAService:
             config.validity_days * 86_400,
             self.directory,
             wall_clock,
+            signer=ca_signer,
         )
         self._certificates = material.certificates
         self._chain_pkcs7 = self.authority.chain_der
@@ -446,7 +459,8 @@ class SharedCAService:
         """Close the SQLite connections this service opened (a store passed in is not ours)."""
         if self._own_store is not None:
             self._own_store.close()
-        self._users.close()
+        if self._users is not None:
+            self._users.close()
 
     def _sqlite(self) -> SqliteServiceStore:
         """The default store, whose administrators' calls need no event loop."""
@@ -526,8 +540,12 @@ class SharedCAService:
             )
             try:
                 written, commit_share = await self._write(publication)
-                # the CA's time: its signature and its share of the group commit
-                self._observe(Step.ISSUE, signed + commit_share)
+                # the CA's time: its signature, its share of the group commit and its
+                # directory write (a directory given)
+                published = 0
+                if written:
+                    published = await self._publish(issued.dn, issued.serial, certificate)
+                self._observe(Step.ISSUE, signed + commit_share + published)
                 if written:
                     return Ticket(transaction_id, TicketStatus.ISSUED, certificate)
             except DuplicateSerialError:
@@ -539,6 +557,15 @@ class SharedCAService:
                 raise UnknownUserError(transaction_id)
             return await self._advance(row)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _publish(self, dn: str, serial: int, certificate: bytes) -> int:
+        """The certificate into a directory given, after the store's commit; the time it took
+        (ns). A failure there (FailedError) fails the request with its type."""
+        if self._publish_to is None:
+            return 0
+        began = time.perf_counter_ns()
+        await self._publish_to.publish(dn, serial, certificate)
+        return time.perf_counter_ns() - began
 
     async def _write(self, publication: Publication) -> tuple[bool, int]:
         """Write `publication` in the next group commit and return once it is committed, with

@@ -9,6 +9,8 @@ asks every worker to finish its requests in flight and exits 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import fcntl
 import json
 import multiprocessing
@@ -26,8 +28,11 @@ from typing import Any
 
 from bench.errors import UsageError
 from bench.profile import Profile, load_profile
+from bench.run.components import Components, components_for
+from bench.run.runner import embedded_hsm
+from bench.run.shard import HsmKey
 from bench.serve import metrics
-from bench.serve.state import BringYourOwnCA, ServerState, prepare_state
+from bench.serve.state import BringYourOwnCA, ServerState, prepare_state, write_private
 from bench.serve.worker import WorkerPlan, listening_socket, worker_main
 from engine.approval import ReviewBoard
 from engine.service import SharedCAService, SubjectPolicy
@@ -172,6 +177,8 @@ class Server:
         self.est = self._bound(0)
         self.scep = self._bound(1) if scep is not None else None
         self.stopping = False
+        self.components = Components()
+        self.hsm: HsmKey | None = None
         self.board: ReviewBoard | None = None
         approval = profile.get("approval", "mode") == "administrator"
         self.manual = approval and profile.get("serve", "approval") == "manual"
@@ -195,6 +202,8 @@ class Server:
             self.manual,
             self.board,
             self.limits,
+            self.components,
+            self.hsm,
         )
 
     def run(self) -> int:
@@ -207,12 +216,16 @@ class Server:
         metrics.clear(self.state.metrics)
         context = multiprocessing.get_context("spawn")
         processes: dict[int, BaseProcess] = {}
-        with tempfile.TemporaryDirectory(prefix="enrollbench-serve-") as scratch:
+        with (
+            tempfile.TemporaryDirectory(prefix="enrollbench-serve-") as scratch,
+            contextlib.ExitStack() as parts,
+        ):
 
             def start(index: int) -> BaseProcess:
                 return self._start(context, index, Path(scratch))
 
             try:
+                self._start_parts(parts, Path(scratch))
                 for index in range(self.workers):
                     processes[index] = start(index)
                 if not self._wait_ready(processes, Path(scratch)):
@@ -226,11 +239,21 @@ class Server:
                 # always: a worker left running would keep this process from exiting
                 self._stop_workers(processes)
                 self.state.listening.unlink(missing_ok=True)
+                self.state.database.unlink(missing_ok=True)
                 if self.board is not None:
                     self.board.close()
                 for holder in self.holders:
                     holder.close()
                 os.close(lock)  # releases the state folder
+
+    def _start_parts(self, stack: contextlib.ExitStack, scratch: Path) -> None:
+        """Start (or reach) the profile's real components for the server's lifetime, stopped
+        with `stack` after the workers; one down is a UsageError naming it (exit 2)."""
+        self.components = stack.enter_context(components_for(self.profile, scratch / "parts"))
+        if self.components.postgresql is not None:
+            write_private(self.state.database, self.components.postgresql.encode())
+        if self.profile.get("ca", "signing") == "softhsm":
+            self.hsm = embedded_hsm(scratch / "softhsm", self.state.material())
 
     def _lock_state(self) -> int:
         """One server per state folder: a second would clear the first's metrics and
@@ -409,20 +432,42 @@ def approve_command(args: argparse.Namespace) -> int:
     state = ServerState(args.state or default_state(profile.name))
     if not state.store.exists():
         raise UsageError(f"no server state in {state.folder}")
-    service = SharedCAService(profile.engine_config(), state.material(), state.store, manual=True)
+    store = _database_store(profile, state)
+    service = SharedCAService(
+        profile.engine_config(), state.material(), state.store, manual=True, store=store
+    )
+
+    async def decide() -> int:
+        try:
+            return await _decide(service, args.transactions, approve=not args.deny)
+        finally:
+            if store is not None:
+                await store.close()
+
     try:
-        return _decide(service, args.transactions, approve=not args.deny)
+        return asyncio.run(decide())
     finally:
         service.close()
 
 
-def _decide(service: SharedCAService, transactions: Sequence[str], *, approve: bool) -> int:
+def _database_store(profile: Profile, state: ServerState) -> Any:
+    """The PostgreSQL store of the server running on `state`, or None for its SQLite file."""
+    if profile.get("components", "database") != "postgresql":
+        return None
+    if not state.database.exists():
+        raise UsageError(f"no server with a PostgreSQL database runs on {state.folder}")
+    from engine.pgstores import PgDatabase, PgServiceStore  # noqa: PLC0415 (PostgreSQL only)
+
+    return PgServiceStore(PgDatabase(state.database.read_text(), max_size=1))
+
+
+async def _decide(service: SharedCAService, transactions: Sequence[str], *, approve: bool) -> int:
     if not transactions:
-        for transaction, user, since in service.pending():
+        for transaction, user, since in await service.pending_async():
             waited = time.time() - since
             print(f"{transaction}  {user}  waiting {waited:.0f} s")
         return 0
-    missing = [t for t in transactions if not service.decide(t, approve)]
+    missing = [t for t in transactions if not await service.decide_async(t, approve)]
     for transaction in missing:
         print(f"enrollbench: {transaction}: no such pending request", file=sys.stderr)
     return 2 if missing else 0

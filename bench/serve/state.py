@@ -13,6 +13,7 @@ Made once and reused across restarts (the same CA, store and credentials). The f
     metrics/                 each worker's metrics snapshot
     serve.json               where the running server listens (written when it is ready)
     serve.lock               held (flock) by the server using the folder: one at a time
+    database                 the running server's PostgreSQL DSN, when it uses one (0600)
 """
 
 from __future__ import annotations
@@ -87,6 +88,12 @@ class ServerState:
     @property
     def listening(self) -> Path:
         return self.folder / "serve.json"
+
+    @property
+    def database(self) -> Path:
+        """The running server's PostgreSQL DSN (0600, while it serves: `enrollbench approve`
+        reaches the store through it; a password never goes on a command line)."""
+        return self.folder / "database"
 
     def material(self) -> CAMaterial:
         ca = self.folder / "ca"
@@ -203,7 +210,7 @@ def _load_certificate(path: Path) -> x509.Certificate:
     return x509.load_der_x509_certificate(data)
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
     with os.fdopen(descriptor, "wb") as handle:
@@ -218,7 +225,7 @@ def _write_material(folder: Path, material: CAMaterial) -> None:
         (folder / f"certificate-{n}.der").write_bytes(der)
         pem += x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
     (folder / "chain.pem").write_bytes(pem)
-    _write_private(folder / "issuing-key.der", material.issuing_key)
+    write_private(folder / "issuing-key.der", material.issuing_key)
 
 
 def _leaf(
@@ -275,7 +282,7 @@ def _write_tls(
         pem += x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
     folder.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     (folder / "server.pem").write_bytes(pem)
-    _write_private(
+    write_private(
         folder / "server.key",
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -295,7 +302,7 @@ def _write_ra(folder: Path, issuing: x509.Certificate, issuing_key: PrivateKey) 
     certificate = _sign(builder, issuing_key)
     folder.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     (folder / "ra.der").write_bytes(certificate.public_bytes(serialization.Encoding.DER))
-    _write_private(folder / "ra.key", private_key_to_der(key))
+    write_private(folder / "ra.key", private_key_to_der(key))
 
 
 def _write_users(state: ServerState, profile: Profile) -> None:
@@ -305,4 +312,4 @@ def _write_users(state: ServerState, profile: Profile) -> None:
     enrollees = [simulated_enrollee(i, seed) for i in range(profile.get("load", "devices"))]
     seed_users(state.store, (directory_entry(e, seed, iterations) for e in enrollees))
     lines = "".join(f"{e.user.user_id}:{e.password}\n" for e in enrollees)
-    _write_private(state.credentials, lines.encode())
+    write_private(state.credentials, lines.encode())

@@ -19,8 +19,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.profile import Profile
+from bench.run.components import Components
+from bench.run.shard import HsmKey
 from bench.serve.metrics import Metrics, render
 from bench.serve.state import ServerState
 from engine import _der
@@ -56,6 +59,10 @@ class WorkerPlan:
     manual: bool
     board: ReviewBoard | None
     limits: HttpLimits = field(default_factory=HttpLimits)
+    # the real parts the server started or reached (their secrets reach the worker only
+    # through this pickled plan) and the token holding the issuing CA's key
+    components: Components = field(default_factory=Components)
+    hsm: HsmKey | None = None
 
 
 def listening_socket(address: tuple[str, int], *, listen: bool) -> socket.socket:
@@ -115,6 +122,7 @@ class Worker:
         self.state = ServerState(plan.state)
         self.metrics = Metrics(self.state.metrics, plan.index)
         config = plan.profile.engine_config()
+        self.parts = _parts(plan, config.hash_name)
         self.service = SharedCAService(
             config,
             self.state.material(),
@@ -123,6 +131,7 @@ class Worker:
             subject_policy=plan.subject_policy,
             manual=plan.manual,
             observe=self._observe_step,
+            **self.parts,
         )
         self.est: Handler = EstHandler(
             self.service,
@@ -157,7 +166,7 @@ class Worker:
             if request.path == "/health":
                 return HttpResponse(200, "application/json", self.health())
             if request.path == "/metrics":
-                return HttpResponse(200, "text/plain; version=0.0.4", self.exposition())
+                return HttpResponse(200, "text/plain; version=0.0.4", await self.exposition())
             began = time.perf_counter_ns()
             answer = await handler(request)
             self.metrics.count("requests", protocol=protocol, status=str(answer.status))
@@ -171,9 +180,9 @@ class Worker:
         status = {"status": "ok", "worker": self.plan.index, "pid": os.getpid()}
         return json.dumps(status).encode()
 
-    def exposition(self) -> bytes:
+    async def exposition(self) -> bytes:
         self.metrics.flush()  # this worker's own counts current; the others' a second behind
-        counts = self.service.counts()
+        counts = await self.service.counts_async()
         gauges = {
             "approvals_pending": float(counts.get("awaiting", 0)),
             "certificates_published": float(counts.get("published", 0)),
@@ -207,6 +216,7 @@ class Worker:
             await flusher
         self.metrics.flush()
         self.service.close()
+        await _close_parts(self.parts)
 
     async def _flush_metrics(self, stop: asyncio.Event) -> None:
         parent = os.getppid()
@@ -217,6 +227,36 @@ class Worker:
                 # the server was killed (SIGKILL leaves no time to stop us): an orphan
                 # worker must not keep serving a port nobody supervises
                 stop.set()
+
+
+def _parts(plan: WorkerPlan, hash_name: str) -> dict[str, Any]:
+    """This worker's own clients of the real parts (SharedCAService's keyword arguments): the
+    directory and the database connect on first use inside the worker's loop; the token's
+    session opens now, so a key that cannot be used stops the worker before it is ready."""
+    parts: dict[str, Any] = {}
+    components = plan.components
+    if components.ldap is not None:
+        from engine.ldap_directory import LdapDirectory  # noqa: PLC0415 (LDAP servers only)
+
+        parts["directory"] = LdapDirectory(components.ldap)
+    if components.postgresql is not None:
+        from engine.pgstores import PgDatabase, PgServiceStore  # noqa: PLC0415
+
+        parts["store"] = PgServiceStore(PgDatabase(components.postgresql))
+    if plan.hsm is not None:
+        from engine.hsm import HsmSigner  # noqa: PLC0415 (HSM-held keys only)
+
+        hsm = plan.hsm
+        parts["ca_signer"] = HsmSigner.open(hsm.module, hsm.uri, hsm.pin, hash_name)
+    return parts
+
+
+async def _close_parts(parts: dict[str, Any]) -> None:
+    """Close the clients `_parts` made (the service leaves what it was given open)."""
+    if "store" in parts:
+        await parts["store"].close()
+    if "directory" in parts:
+        parts["directory"].close()
 
 
 def worker_main(plan: WorkerPlan, ready: Path) -> None:
