@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench.services.postgres import start_postgres
+from bench.services.slapd import Slapd, SlapdConfig
+from engine.population import simulated_enrollee
 from tests.bench.conftest import run_cli
 from tests.conftest import require_tool
 
@@ -91,4 +93,37 @@ def test_postgresql_stopped_mid_run_fails_devices_with_a_type(tmp_path: Path) ->
     assert password not in text + stdout + stderr
     outcomes = json.loads(text)["outcomes"]
     assert outcomes["failed"].get("DatabaseUnavailableError", 0) > 0, outcomes
+    assert outcomes["accounted"]
+
+
+@pytest.mark.server
+def test_slapd_stopped_mid_run_fails_devices_with_a_type(tmp_path: Path) -> None:
+    """slapd stopped in the middle of a run: the devices caught end failed with
+    DirectoryUnavailableError; the run accounts for every device and writes its result."""
+    require_tool("slapd")
+    password = "directory-admin-secret"
+    slapd = Slapd(SlapdConfig(tmp_path / "slapd", password))
+    (tmp_path / "slapd").mkdir()
+    slapd.configure(simulated_enrollee(i, 1) for i in range(300))
+    slapd.start()
+    try:
+        out = tmp_path / "r.json"
+        run = subprocess.Popen(
+            [str(ENROLLBENCH), "run", "smoke", "--quiet", "--duration", "4", "--out", str(out),
+             "--set", "components.directory='ldap'",
+             "--set", f"components.ldap_url='{slapd.url}'",
+             "--set", "components.ldap_password_env='LDAP_SECRET'"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "LDAP_SECRET": password},
+        )  # fmt: skip
+        time.sleep(2.5)
+        slapd.stop()
+        stdout, stderr = run.communicate(timeout=180)
+    finally:
+        slapd.stop()
+    assert out.exists(), stderr
+    text = out.read_text()
+    assert password not in text + stdout + stderr
+    outcomes = json.loads(text)["outcomes"]
+    assert outcomes["failed"].get("DirectoryUnavailableError", 0) > 0, outcomes
     assert outcomes["accounted"]
