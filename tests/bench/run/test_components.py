@@ -67,8 +67,9 @@ def test_postgresql_down_at_start_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.server
 def test_postgresql_stopped_mid_run_fails_devices_with_a_type(tmp_path: Path) -> None:
-    """PostgreSQL stopped in the middle of a run: the devices caught end failed with
-    DatabaseUnavailableError, the run accounts for every device and writes its result."""
+    """PostgreSQL stopped in the middle of a run, then started again: the devices caught end
+    failed with DatabaseUnavailableError, the run reconnects and issues again (the per-second
+    series shows the dip), accounts for every device and writes its result."""
     require_tool("pg_ctlcluster")
     server = start_postgres()
     try:
@@ -76,7 +77,7 @@ def test_postgresql_stopped_mid_run_fails_devices_with_a_type(tmp_path: Path) ->
         name, _, password = user.partition(":")
         out = tmp_path / "r.json"
         run = subprocess.Popen(
-            [str(ENROLLBENCH), "run", "smoke", "--quiet", "--duration", "4", "--out", str(out),
+            [str(ENROLLBENCH), "run", "smoke", "--quiet", "--duration", "7", "--out", str(out),
              "--set", "components.database='postgresql'",
              "--set", f"components.postgresql_url='postgresql://{name}@{rest}'",
              "--set", "components.postgresql_password_env='PG_SECRET'"],
@@ -85,15 +86,21 @@ def test_postgresql_stopped_mid_run_fails_devices_with_a_type(tmp_path: Path) ->
         )  # fmt: skip
         time.sleep(2.5)
         server.halt()
+        time.sleep(1.5)
+        server.resume()
         stdout, stderr = run.communicate(timeout=180)
     finally:
         server.stop()
     assert out.exists(), stderr
     text = out.read_text()
     assert password not in text + stdout + stderr
-    outcomes = json.loads(text)["outcomes"]
+    result = json.loads(text)
+    outcomes = result["outcomes"]
     assert outcomes["failed"].get("DatabaseUnavailableError", 0) > 0, outcomes
     assert outcomes["accounted"]
+    issued = result["throughput"]["series"]["issued"]
+    dip = issued.index(min(issued[1:-1]), 1)
+    assert max(issued[dip + 1 :]) > 2 * issued[dip], issued  # issuing again after the dip
 
 
 @pytest.mark.server
