@@ -50,6 +50,10 @@ CREATE TABLE IF NOT EXISTS transactions (
     decide_at REAL, approve INTEGER, serial BLOB, certificate BLOB, error TEXT NOT NULL,
     detail TEXT NOT NULL, delivered INTEGER NOT NULL, created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS transactions_status ON transactions (status);
+-- the SQLite directory's table (engine.stores), made here too for a store whose users are
+-- in another directory (an LDAP server)
+CREATE TABLE IF NOT EXISTS published (
+    serial BLOB PRIMARY KEY, dn TEXT NOT NULL, certificate BLOB NOT NULL);
 """
 # A serial colliding this many times in a row means the random source is broken.
 _SERIAL_DRAWS = 3

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from engine.approval import ApprovalPolicy, ReviewBoard
 from engine.distribution import Distribution
-from engine.errors import MalformedDerError, UnknownUserError
+from engine.errors import FailedError, MalformedDerError, UnknownUserError
 from engine.identity import User
-from engine.keys import Signer, key_spec
+from engine.keys import Signer, key_spec, load_private_key
 from engine.population import directory_entry, simulated_enrollee
 from engine.request import RequestContent, RequestTemplate, parse_request
 from engine.service import SharedCAService, SubjectPolicy, common_name, seed_users
@@ -302,3 +302,97 @@ def test_serials_colliding_every_draw_fail_the_request(
     assert (ticket.status, ticket.error) == (TicketStatus.FAILED, "DuplicateSerialError")
     assert service.counts()["published"] == 2
     service.close()
+
+
+class _Directory:
+    """A directory given to the service: its users in memory, its publications recorded."""
+
+    def __init__(self, users: list[User], fail_publish: bool = False) -> None:
+        self.users = {user.user_id: user for user in users}
+        self.binds: list[str] = []
+        self.published: list[tuple[str, int, bytes]] = []
+        self.fail_publish = fail_publish
+
+    async def lookup_user(self, user_id: str) -> User:
+        if user_id not in self.users:
+            raise UnknownUserError(user_id)
+        return self.users[user_id]
+
+    async def authenticate(self, user_id: str, password: str) -> None:
+        self.binds.append(user_id)
+
+    async def publish(self, dn: str, serial: int, certificate: bytes) -> None:
+        if self.fail_publish:
+            raise _DirectoryDownError("directory down")
+        self.published.append((dn, serial, certificate))
+
+    async def retrieve(self, dn: str, serial: int) -> bytes:
+        raise NotImplementedError
+
+
+class _DirectoryDownError(FailedError):
+    reason = "directory-unavailable"
+
+
+def test_a_directory_given_serves_users_and_gets_each_publication(tmp_path: Path) -> None:
+    """With `directory=`, binds and lookups go to it (no SQLite users needed) and each
+    certificate is published there after the store committed it."""
+    directory = _Directory([_user(1)])
+    service = _service(tmp_path / "state.sqlite", directory=directory)
+
+    async def enroll() -> tuple[User, bytes]:
+        user = await service.authenticate(_user(1).user_id, "any")
+        request = _request(user)
+        found = await service.find_user(request)
+        ticket = await service.submit("t1", request, found)
+        assert ticket.status is TicketStatus.ISSUED
+        return found, ticket.certificate
+
+    user, certificate = asyncio.run(enroll())
+    assert user == _user(1) and directory.binds == [user.user_id]
+    serial = x509.load_der_x509_certificate(certificate).serial_number
+    assert directory.published == [(user.dn.text, serial, certificate)]
+    assert service.counts()["published"] == 1
+    service.close()
+
+
+def test_a_directory_failing_to_publish_fails_the_request_with_its_type(tmp_path: Path) -> None:
+    """A directory that cannot take the certificate: a FAILED ticket naming its error."""
+    service = _service(tmp_path / "state.sqlite", directory=_Directory([_user(1)], True))
+    ticket = asyncio.run(service.submit("t1", _request(_user(1)), _user(1)))
+    assert (ticket.status, ticket.error) == (TicketStatus.FAILED, "_DirectoryDownError")
+    service.close()
+
+
+class _CountingSigner:
+    """A CA signer that counts its signatures (a token's session stands behind the real one)."""
+
+    def __init__(self, signer: Signer) -> None:
+        self._signer = signer
+        self.algorithm = signer.algorithm
+        self.spki = signer.spki
+        self.calls = 0
+
+    def sign(self, data: bytes) -> bytes:
+        self.calls += 1
+        return self._signer.sign(data)
+
+    def signed(self, content: bytes) -> bytes:
+        self.calls += 1
+        return self._signer.signed(content)
+
+
+def test_a_ca_signer_given_signs_every_certificate(store: Path) -> None:
+    """With `ca_signer=`, certificates are signed through it and verify under the issuing CA;
+    a signer of another key is refused at construction."""
+    material = ca_material(CONFIG)
+    signer = _CountingSigner(Signer(load_private_key(material.issuing_key), CONFIG.hash_name))
+    service = _service(store, ca_signer=signer)
+    ticket = asyncio.run(service.submit("t1", _request(_user(1)), _user(1)))
+    assert ticket.status is TicketStatus.ISSUED and signer.calls == 1
+    issuing = x509.load_der_x509_certificate(material.certificates[-1])
+    x509.load_der_x509_certificate(ticket.certificate).verify_directly_issued_by(issuing)
+    service.close()
+    other = Signer(vector_key("p256-4"), CONFIG.hash_name)
+    with pytest.raises(ValueError, match="issuing certificate's key"):
+        _service(store, ca_signer=other)
