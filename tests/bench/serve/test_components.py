@@ -21,6 +21,7 @@ from tests.bench.serve.conftest import (
     device,
     enroll_all,
     run,
+    serving,
     user_id,
 )
 from tests.conftest import require_tool
@@ -185,3 +186,47 @@ def test_served_seed_enterprise_run_issues_every_device(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     outcomes = json.loads(out.read_text())["outcomes"]
     assert outcomes["issued"] == outcomes["started"] > 0, outcomes
+
+
+@pytest.mark.server
+def test_serve_on_an_existing_directory_publishes_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slapd reached by URL (its password from the environment): devices bind as their
+    users there, a wrong password is refused, and each certificate is on its user's entry."""
+    require_tool("slapd")
+    from bench.run.components import ADMIN_DN  # noqa: PLC0415
+    from bench.services.slapd import Slapd, SlapdConfig  # noqa: PLC0415
+    from engine.ldap_directory import LdapDirectory, LdapSettings  # noqa: PLC0415
+    from engine.population import simulated_enrollee  # noqa: PLC0415
+
+    password = "directory-admin-secret"
+    (tmp_path / "slapd").mkdir()
+    slapd = Slapd(SlapdConfig(tmp_path / "slapd", password))
+    slapd.configure(simulated_enrollee(i, 1) for i in range(300))
+    slapd.start()
+    monkeypatch.setenv("LDAP_SECRET_TEST", password)  # the server inherits it
+    try:
+        with serving(
+            tmp_path / "state", *LDAP,
+            "--set", f"components.ldap_url='{slapd.url}'",
+            "--set", "components.ldap_password_env='LDAP_SECRET_TEST'",
+            workers=1,
+        ) as served:  # fmt: skip
+            certificates = enroll(served, range(3))
+            wrong = device(served, 4)
+            refused = run(enroll_all(served, [wrong._replace(password="wrong")]))[0]
+            assert refused.status is not TicketStatus.ISSUED
+            assert served.stop() == 0
+        directory = LdapDirectory(LdapSettings(slapd.url, ADMIN_DN, password))
+
+        async def read(der: bytes) -> bytes:
+            leaf = x509.load_der_x509_certificate(der)
+            return await directory.retrieve(leaf.subject.rfc4514_string(), leaf.serial_number)
+
+        try:
+            assert [run(read(der)) for der in certificates] == certificates
+        finally:
+            directory.close()
+    finally:
+        slapd.stop()
