@@ -322,6 +322,11 @@ class Server:
             "ca_chain": str(self.state.chain_pem),
             "credentials": str(self.state.credentials),
             "scep_ra_sha256": self.state.ra_fingerprint(),
+            # the real parts in use and where (no credentials), as a run's result records them
+            "components": {
+                **self.components.describe(),
+                "ca_key": "memory" if self.hsm is None else "softhsm (PKCS #11)",
+            },
         }
         scratch = self.state.listening.with_suffix(".tmp")
         scratch.write_text(json.dumps(listening, indent=1))

@@ -151,6 +151,12 @@ def test_serve_seed_enterprise_with_manual_approval(server: ServerFactory, tmp_p
     assert issued.status is TicketStatus.ISSUED, issued
     verify(served, [issued.certificate], tmp_path)
     assert all(loaded(served, library) for library in CLIENT_LIBRARY.values())
+    parts = served.info["components"]
+    assert parts["directory"].startswith("ldap ldap://127.0.0.1:"), parts
+    assert parts["database"].startswith("postgresql 127.0.0.1:"), parts
+    assert parts["ca_key"] == "softhsm (PKCS #11)"
+    secret = (served.state / "database").read_text().rpartition("@")[0].rpartition(":")[2]
+    assert secret and secret not in (served.state / "serve.json").read_text()
     assert database_serials(served) == {serial_of(issued.certificate): issued.certificate}
     assert "enrollbench_certificates_published 1" in served.metrics()
     assert served.stop() == 0
