@@ -116,6 +116,10 @@ def _target_url(value: Any) -> bool:
     return scheme in TARGET_SCHEMES and bool(rest.split("/", 1)[0])
 
 
+def _pkcs11_uri(value: Any) -> bool:
+    return isinstance(value, str) and (value == "" or value.startswith("pkcs11:"))
+
+
 def _ldap_url(value: Any) -> bool:
     return isinstance(value, str) and (value == "" or value.startswith(("ldap://", "ldaps://")))
 
@@ -165,9 +169,22 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         ),
         "signing": Rule(
             "memory",
-            "memory, softhsm",
-            _choice("memory", "softhsm"),
-            "the issuing CA's key in memory, or in a SoftHSM2 PKCS #11 token made for the run",
+            "memory, softhsm, pkcs11",
+            _choice("memory", "softhsm", "pkcs11"),
+            "the issuing CA's key in memory, in a SoftHSM2 token made for the run, or in your "
+            "PKCS #11 token (ca.pkcs11_*)",
+        ),
+        "pkcs11_module": Rule(
+            "", "a path, or empty", _path_text, "ca.signing = pkcs11: the token's PKCS #11 module"
+        ),
+        "pkcs11_uri": Rule(
+            "",
+            "an RFC 7512 pkcs11: URI naming the token and the key, or empty",
+            _pkcs11_uri,
+            "ca.signing = pkcs11: the issuing CA's key (the CA certificate is made for it)",
+        ),
+        "pkcs11_pin_env": Rule(
+            "", "an environment variable name, or empty", _env_name, "the token's user PIN"
         ),
         "allowed_keys": Rule(
             list(KEY_SPECS),

@@ -40,6 +40,7 @@ from engine.keys import (
     KeyFamily,
     KeySpec,
     PrivateKey,
+    PublicKey,
     Signer,
     family_of,
     hash_algorithm,
@@ -60,11 +61,17 @@ class CAChain:
     """A CA hierarchy: certificates root first, issuing CA last, and the issuing CA's key."""
 
     certificates: tuple[x509.Certificate, ...]
-    issuing_key: PrivateKey = field(repr=False)
+    issuing_key: PrivateKey | None = field(repr=False)  # None: held in a token (a CaSigner)
 
     @property
     def issuing(self) -> x509.Certificate:
         return self.certificates[-1]
+
+    def private_issuing_key(self) -> PrivateKey:
+        """The issuing key in memory; ValueError when it is held in a token."""
+        if self.issuing_key is None:
+            raise ValueError("the issuing CA's key is in a token: sign through its signer")
+        return self.issuing_key
 
     def pkcs7(self) -> bytes:
         """The chain as a PKCS #7 certs-only bundle, DER (RFC 2315; what step 8 sends)."""
@@ -72,40 +79,50 @@ class CAChain:
 
 
 def build_hierarchy(
-    profile_id: str, keys: Sequence[PrivateKey], hash_name: str | None, now: datetime
+    profile_id: str,
+    keys: Sequence[PrivateKey],
+    hash_name: str | None,
+    now: datetime,
+    issuing_public: PublicKey | None = None,
 ) -> CAChain:
-    """Build root, intermediates and issuing CA from `keys` (root first; at least two keys)."""
-    if len(keys) < 2:
+    """Build root, intermediates and issuing CA from `keys` (root first; at least two keys).
+
+    `issuing_public`: the issuing CA's key is in a token; `keys` are then the root and the
+    intermediates only, and the chain holds no issuing private key."""
+    publics: list[PublicKey] = [key.public_key() for key in keys]
+    if issuing_public is not None:
+        publics.append(issuing_public)
+    if len(publics) < 2:
         raise ValueError("a CA hierarchy needs a root key and an issuing key")
     certificates: list[x509.Certificate] = []
-    for depth, key in enumerate(keys):
-        role = "Root" if depth == 0 else ("Issuing" if depth == len(keys) - 1 else "Intermediate")
+    for depth, public in enumerate(publics):
+        last = len(publics) - 1
+        role = "Root" if depth == 0 else ("Issuing" if depth == last else "Intermediate")
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "enrollbench"),
                 x509.NameAttribute(NameOID.COMMON_NAME, f"{profile_id} {role} CA {depth}"),
             ]
         )
-        parent_key = keys[depth - 1] if depth else key
+        parent_key = keys[depth - 1] if depth else keys[0]
         issuer = certificates[-1].subject if certificates else name
-        path_length = len(keys) - 1 - depth  # CA certificates that may follow (RFC 5280 4.2.1.9)
+        path_length = last - depth  # CA certificates that may follow (RFC 5280 4.2.1.9)
         certificates.append(
-            _sign_ca_certificate(name, issuer, key, parent_key, path_length, hash_name, now)
+            _sign_ca_certificate(name, issuer, public, parent_key, path_length, hash_name, now)
         )
-    return CAChain(tuple(certificates), keys[-1])
+    return CAChain(tuple(certificates), None if issuing_public is not None else keys[-1])
 
 
 def _sign_ca_certificate(
     name: x509.Name,
     issuer: x509.Name,
-    key: PrivateKey,
+    public: PublicKey,
     parent_key: PrivateKey,
     path_length: int,
     hash_name: str | None,
     now: datetime,
 ) -> x509.Certificate:
     """One CA certificate (RFC 5280 4.2.1.9 basic constraints, 4.2.1.3 keyCertSign)."""
-    public = key.public_key()
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -171,8 +188,11 @@ class CertificationAuthority:
         self.approvals = approvals
         self._wall_clock = wall_clock
         if signer is None:
-            signer = Signer(chain.issuing_key, hash_name)
-        elif signer.spki != Signer(chain.issuing_key, hash_name).spki:
+            signer = Signer(chain.private_issuing_key(), hash_name)
+        issuing_spki = chain.issuing.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if signer.spki != issuing_spki:
             raise ValueError("the CA signer's key is not the issuing certificate's key")
         self._template = CertificateTemplate(chain.issuing, signer, device_family, validity_seconds)
         self.issued = 0

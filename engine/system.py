@@ -31,6 +31,7 @@ from engine.keys import (
     KEY_SPECS,
     CaSigner,
     PrivateKey,
+    PublicKey,
     key_spec,
     load_private_key,
     private_key_to_der,
@@ -81,25 +82,37 @@ class EngineConfig:
 
 @dataclass(frozen=True, slots=True)
 class CAMaterial:
-    """A CA hierarchy as bytes: certificates (root first) and the issuing key as PKCS #8."""
+    """A CA hierarchy as bytes: certificates (root first) and the issuing key as PKCS #8
+    (empty when the issuing key is in a token, whose signer the CA is then given)."""
 
     certificates: tuple[bytes, ...]
     issuing_key: bytes = field(repr=False)
 
     @classmethod
-    def create(cls, config: EngineConfig, keys: Sequence[PrivateKey]) -> CAMaterial:
-        """Build the hierarchy from `keys` (root first: ca_intermediates + 2 keys)."""
-        if len(keys) != config.ca_intermediates + 2:
-            raise ValueError(f"need {config.ca_intermediates + 2} CA keys, got {len(keys)}")
-        chain = build_hierarchy(config.profile_id, keys, config.hash_name, datetime.now(UTC))
+    def create(
+        cls,
+        config: EngineConfig,
+        keys: Sequence[PrivateKey],
+        issuing_public: PublicKey | None = None,
+    ) -> CAMaterial:
+        """Build the hierarchy from `keys` (root first: ca_intermediates + 2 keys), or from
+        the root and intermediates and a token's `issuing_public` key (ca_intermediates + 1)."""
+        wanted = config.ca_intermediates + (1 if issuing_public is not None else 2)
+        if len(keys) != wanted:
+            raise ValueError(f"need {wanted} CA keys, got {len(keys)}")
+        chain = build_hierarchy(
+            config.profile_id, keys, config.hash_name, datetime.now(UTC), issuing_public
+        )
+        key = chain.issuing_key
         return cls(
             tuple(c.public_bytes(serialization.Encoding.DER) for c in chain.certificates),
-            private_key_to_der(chain.issuing_key),
+            b"" if key is None else private_key_to_der(key),
         )
 
     def chain(self) -> CAChain:
         certificates = tuple(x509.load_der_x509_certificate(der) for der in self.certificates)
-        return CAChain(certificates, load_private_key(self.issuing_key))
+        key = load_private_key(self.issuing_key) if self.issuing_key else None
+        return CAChain(certificates, key)
 
 
 class EnrollmentSystem:

@@ -100,7 +100,7 @@ class CaWorkload:
         self._ring = itertools.cycle(self.prepared)
         chain = self.material.chain()
         self._issuer = chain.issuing
-        self._ca_signer = Signer(chain.issuing_key, hash_name)
+        self._ca_signer = Signer(chain.private_issuing_key(), hash_name)
         self._tbs = self._sample_tbs()
         self._load_key, self._verify = _raw_primitives(device_key, hash_name)
         self._family = key_spec(device_key).family

@@ -58,7 +58,7 @@ class NaiveServer:
         self.devices = [(e, entry[1]) for e, entry in zip(enrollees, entries, strict=True)]
         chain = material.chain()
         self.issuer = chain.issuing
-        self.signer = Signer(chain.issuing_key, self.config.hash_name)
+        self.signer = Signer(chain.private_issuing_key(), self.config.hash_name)
         self.family = key_spec(self.config.device_key).family
 
     def enroll(self, index: int) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from bench.errors import BenchError
+from bench.errors import BenchError, UsageError
 from bench.histogram import Histogram
 from bench.profile import Profile
 from bench.run.components import Components, components_for, servers_cpu
@@ -39,7 +39,8 @@ from bench.run.targets import (
 )
 from bench.serve.metrics import gather
 from engine.approval import ReviewBoard
-from engine.keys import load_private_key
+from engine.hsm import HsmSigner
+from engine.keys import PublicKey, load_private_key
 from engine.system import CAMaterial
 
 START_DELAY_S = 0.2  # between "everyone is ready" and the common start time
@@ -132,9 +133,34 @@ def _prepare_corpus(spec: CorpusSpec | None) -> None:
 
 
 def ca_material(profile: Profile) -> CAMaterial:
+    """The run's CA hierarchy; with ca.signing = pkcs11 its issuing certificate is made for
+    the key in the user's token (the root and intermediates from the corpus sign it)."""
     config = profile.engine_config()
     ders = load_keys(config.ca_key, CA_KEY_SEED, config.ca_intermediates + 2)
-    return CAMaterial.create(config, [load_private_key(der) for der in ders])
+    keys = [load_private_key(der) for der in ders]
+    token = user_token(profile)
+    if token is None:
+        return CAMaterial.create(config, keys)
+    signer = HsmSigner.open(token.module, token.uri, token.pin, config.hash_name)
+    public = serialization.load_der_public_key(signer.spki)
+    if not isinstance(public, PublicKey):  # pragma: no cover (HsmSigner reads RSA and EC)
+        raise BenchError("the token's key is of a type enrollbench cannot use")
+    return CAMaterial.create(config, keys[:-1], public)
+
+
+def user_token(profile: Profile) -> HsmKey | None:
+    """ca.signing = pkcs11: the user's token, its key and the PIN from the environment."""
+    if profile.get("ca", "signing") != "pkcs11":
+        return None
+    module, uri = profile.get("ca", "pkcs11_module"), profile.get("ca", "pkcs11_uri")
+    pin_env = profile.get("ca", "pkcs11_pin_env")
+    pin = os.environ.get(pin_env) if pin_env else None
+    if not module or not uri or not pin:
+        raise UsageError(
+            "ca.signing = pkcs11 needs ca.pkcs11_module, ca.pkcs11_uri and the PIN in the "
+            "environment variable ca.pkcs11_pin_env names"
+        )
+    return HsmKey(module, uri, pin)
 
 
 def _plans(
@@ -181,7 +207,7 @@ def _parts(
         return Components(), None
     parts = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="enrollbench-parts-")))
     components = stack.enter_context(components_for(profile, parts))
-    hsm = None
+    hsm = user_token(profile)
     if profile.get("ca", "signing") == "softhsm":
         hsm = embedded_hsm(parts / "softhsm", material)
     return components, hsm

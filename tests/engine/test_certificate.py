@@ -30,7 +30,7 @@ from tests.conftest import ca_material, vector_key
 
 _CHAIN = ca_material(EngineConfig()).chain()
 _TEMPLATE = CertificateTemplate(
-    _CHAIN.issuing, Signer(_CHAIN.issuing_key, "sha256"), KeyFamily.EC, 86_400
+    _CHAIN.issuing, Signer(_CHAIN.private_issuing_key(), "sha256"), KeyFamily.EC, 86_400
 )
 _DEVICE = Signer(vector_key("p256-5"), "sha256")
 _DEVICE_KEY = split_spki(_DEVICE.spki)
@@ -122,7 +122,7 @@ def test_key_identifier_is_sha1_of_the_key_bits() -> None:
 def test_builder_path_gives_the_same_certificate() -> None:
     """With a deterministic CA signature (Ed25519), template and builder are byte-identical."""
     chain = ca_material(EngineConfig(ca_key="ed25519")).chain()
-    signer = Signer(chain.issuing_key, None)
+    signer = Signer(chain.private_issuing_key(), None)
     template = CertificateTemplate(chain.issuing, signer, KeyFamily.EC, 86_400)
     user_signer = Signer(vector_key("p256-5"), "sha256")
     content = RequestContent(

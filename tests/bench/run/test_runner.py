@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from bench.profile import load_profile
 from bench.results import check_accounting
 from bench.run.merge import build_result
 from bench.run.runner import RunOptions, execute, resolve_workers, write_artifacts
 from bench.run.shard import ShardPlan, shard_main
-from tests.conftest import require_tool
+from tests.bench.conftest import run_cli
+from tests.conftest import require_tool, vector_key
 
 
 def _run(overrides: list[str], workers: int = 2, **options: object) -> dict[str, Any]:
@@ -215,3 +217,42 @@ def test_softhsm_signed_certificates_verify(tmp_path: Path) -> None:
         capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest.mark.server
+def test_a_users_pkcs11_token_signs(tmp_path: Path) -> None:
+    """ca.signing = pkcs11: the issuing certificate is made for the key in the user's token
+    (module, RFC 7512 URI, PIN from the environment), the shards sign there, and the
+    certificates verify; without the PIN the run is a one-line usage error."""
+    require_tool("softhsm2-util")
+    openssl = require_tool("openssl")
+    from bench.services.softhsm import create_token, import_key  # noqa: PLC0415
+
+    token = create_token(tmp_path / "token", "users-token", "4321", "87654321")
+    uri = import_key(token, vector_key("p256-3"), "my-issuing-ca", b"\x07")
+    settings = [
+        "ca.signing='pkcs11'", f"ca.pkcs11_module='{token.module}'", f"ca.pkcs11_uri='{uri}'",
+        "ca.pkcs11_pin_env='TOKEN_PIN'",
+    ]  # fmt: skip
+    missing = run_cli("run", "smoke", "--quiet", *(f"--set={s}" for s in settings))
+    assert missing.returncode == 2
+    assert "ca.pkcs11_pin_env" in missing.stderr.strip()
+    os.environ["TOKEN_PIN"] = "4321"
+    try:
+        profile = load_profile("smoke", ["load.devices=30", *settings])
+        output = execute(profile, 2, RunOptions(2, tmp_path, 5), None)
+    finally:
+        del os.environ["TOKEN_PIN"]
+    assert sum(shard.outcomes.get("issued", 0) for shard in output.shards) == 30
+    issuing = x509.load_der_x509_certificate(output.material.certificates[-1])
+    assert issuing.public_key() == vector_key("p256-3").public_key()
+    assert output.material.issuing_key == b""
+    write_artifacts(tmp_path, output.material, output.shards)
+    certificates = sorted(str(p) for p in (tmp_path / "certs").glob("*.pem"))
+    verified = subprocess.run(
+        [openssl, "verify", "-CAfile", str(tmp_path / "root.pem"), "-untrusted",
+         str(tmp_path / "chain.pem"), *certificates],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.count(": OK") == len(certificates) > 0
