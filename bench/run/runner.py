@@ -417,7 +417,9 @@ def execute(
         started_at,
         recorded,
         server_steps,
-        {
+        served.components
+        if served is not None
+        else {
             **components.describe(),
             "ca_key": "softhsm (PKCS #11)" if hsm is not None else "memory",
             **{f"{name}_cpu_s": f"{cpu:.3f}" for name, cpu in parts_cpu.items()},

@@ -459,6 +459,7 @@ class ServedCA:
         self.folder = folder
         self.workers = server_workers(profile)
         self.protocol = str(profile.get("target", "served_protocol"))
+        self.components: dict[str, str] = {}  # the real parts the server runs on (serve.json)
         context = multiprocessing.get_context("spawn")
         self.process = context.Process(
             target=_serve_main,
@@ -479,6 +480,7 @@ class ServedCA:
                 raise UsageError("the served CA did not start in time")
             time.sleep(0.05)
         urls = json.loads(listening.read_text())
+        self.components = {str(k): str(v) for k, v in urls.get("components", {}).items()}
         scheme, _, _ = self.protocol.partition("+")
         url = urls["scep"] if scheme == "scep" else urls["est"]
         wire = f"{self.protocol}://{url.partition('://')[2]}"
