@@ -44,8 +44,10 @@ def ca_material(config: EngineConfig) -> CAMaterial:
 
 
 def require_tool(name: str) -> str:
-    """The path of an external tool; a missing tool skips locally and errors in CI."""
-    path = shutil.which(name)
+    """The path of an external tool; a missing tool skips locally and errors in CI.
+
+    Daemons such as slapd live in the sbin folders, which a plain user's PATH lacks."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
     if path is None:
         if os.environ.get("CI"):
             pytest.fail(f"{name} is required in CI (install it in .ci/run)")

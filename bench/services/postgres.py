@@ -56,6 +56,14 @@ def free_port() -> int:
         return port
 
 
+def _runuser() -> str:
+    """util-linux's runuser (in /usr/sbin, which a plain PATH lacks)."""
+    found = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+    if found is None:
+        raise PostgresError("runuser not found (Debian: util-linux) to run PostgreSQL unprivileged")
+    return found
+
+
 def _owner() -> str | None:
     """The unprivileged user the cluster runs as when we are root; None when we are not."""
     if os.geteuid() != 0:
@@ -92,7 +100,7 @@ class PostgresServer:
     def _run(self, what: str, tool: str, args: Sequence[str], timeout: float) -> None:
         command = [str(self._bin / tool), *args]
         if self._owner is not None:
-            command = ["runuser", "-u", self._owner, "--", *command]
+            command = [_runuser(), "-u", self._owner, "--", *command]
         env = {**os.environ, "PGPASSWORD": self._password, "LC_ALL": "C"}
         try:
             done = subprocess.run(  # noqa: S603 (our own binaries, arguments we built)
