@@ -103,9 +103,7 @@ def test_certificate_from_template_passes_openssl_verify(
     )
     signer = open_signer(token, label)
     # CertificateTemplate is annotated with Signer; HsmSigner has the same interface.
-    template = CertificateTemplate(
-        chain.certificates[-1], signer, KeyFamily.EC, 86_400
-    )
+    template = CertificateTemplate(chain.certificates[-1], signer, KeyFamily.EC, 86_400)
     device = vector_key("p256-4").public_key()
     spki = device.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
