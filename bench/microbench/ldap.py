@@ -39,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 from cryptography import x509
@@ -135,7 +135,7 @@ async def with_bonsai(server: Slapd, work: Sequence[Work], concurrency: int) -> 
         change = bonsai.LDAPEntry(found[0].dn)
         change.connection = conn
         replace, value = bonsai.LDAPModOp.REPLACE, item.certificate
-        change.change_attribute(CERTIFICATE_ATTRIBUTE, replace, value)  # type: ignore[arg-type]
+        cast(Any, change).change_attribute(CERTIFICATE_ATTRIBUTE, replace, value)
         await change.modify()
         read = await conn.search(entry, 0, "(objectClass=*)", [CERTIFICATE_ATTRIBUTE])
         assert read[0][CERTIFICATE_ATTRIBUTE][0] == item.certificate
