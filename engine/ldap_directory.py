@@ -42,7 +42,6 @@ import ldap  # type: ignore[import-untyped]
 import ldap.dn  # type: ignore[import-untyped]
 import ldap.filter  # type: ignore[import-untyped]
 
-from engine import _der
 from engine.errors import (
     AuthenticationError,
     CertificateNotFoundError,
@@ -51,6 +50,7 @@ from engine.errors import (
     UnknownUserError,
 )
 from engine.identity import DistinguishedName, User
+from engine.wire.flow import certificate_serial
 
 CERTIFICATE_ATTRIBUTE = "userCertificate;binary"
 
@@ -120,18 +120,6 @@ class LdapSettings:
 def _parse_dn(text: str) -> DistinguishedName:
     """RFC 4514 text -> DN with its DER (cached: ~20 µs each, and users enroll again)."""
     return DistinguishedName.from_text(text)
-
-
-def certificate_serial(certificate: bytes) -> int:
-    """The serialNumber of a DER certificate (RFC 5280 4.1: tbsCertificate's first INTEGER after
-    the optional [0] version)."""
-    start, end = _der.read_whole(certificate, _der.SEQUENCE)
-    tbs_start, tbs_end = _der.expect(certificate, start, _der.SEQUENCE, end)
-    offset = tbs_start
-    if offset < tbs_end and certificate[offset] == 0xA0:
-        offset = _der.skip(certificate, offset, 1, tbs_end)
-    serial_start, serial_end = _der.expect(certificate, offset, 0x02, tbs_end)
-    return int.from_bytes(certificate[serial_start:serial_end], "big", signed=True)
 
 
 class _Connection:

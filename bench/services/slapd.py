@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.errors import BenchError
+from bench.services.postgres import free_port
 from engine.population import Enrollee
 
 SUFFIX = "dc=example,dc=com"
@@ -59,14 +60,6 @@ class SlapdConfig:
     password_scheme: str = "{SSHA}"  # noqa: S105 (a scheme name) or "{PBKDF2-SHA256}"
     pbkdf2_iterations: int = PBKDF2_ITERATIONS
     durable: bool = False  # False: dbnosync (no fsync per write; a benchmark's scratch data)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def hash_password(password: str, scheme: str, salt: bytes, iterations: int) -> str:

@@ -25,9 +25,9 @@ from engine.ldap_directory import (
     DirectoryUnavailableError,
     LdapDirectory,
     LdapSettings,
-    certificate_serial,
 )
 from engine.population import Enrollee, simulated_enrollee
+from engine.wire.flow import certificate_serial
 from tests.conftest import SEED, require_tool, vector_key
 
 pytestmark = pytest.mark.server
